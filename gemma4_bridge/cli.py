@@ -1,0 +1,70 @@
+"""``gemma4-bridge``: inspect, convert and merge Gemma 4 LoRA adapters; run the demo.
+
+Each subcommand lives in its own module exposing ``HELP`` (one line), ``configure(parser)`` and
+``run(args) -> int``; this file only dispatches, turns :class:`BridgeError` into a one-paragraph
+message with a non-zero exit, and keeps tracebacks for ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from gemma4_bridge import __version__
+from gemma4_bridge.errors import BridgeError
+
+# name -> module implementing it. Modules import heavy libraries (torch) lazily inside run().
+SUBCOMMANDS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gemma4-bridge",
+        description=(
+            "Make Gemma 4 LoRA adapters (text, vision and audio towers) serve exactly what was trained. "
+            "Inspect an adapter to see what vLLM/SGLang would do with it, convert any PEFT naming or "
+            "ZeRO-3-damaged adapter to the canonical layout, or merge it into the base weights."
+        ),
+        epilog="Run 'gemma4-bridge COMMAND --help' for each command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"gemma4-bridge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except BridgeError as err:
+        if args.debug:
+            raise
+        print(f"gemma4-bridge {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"gemma4-bridge {args.command}: interrupted; no output was written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

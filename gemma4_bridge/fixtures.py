@@ -1,0 +1,278 @@
+"""Tiny, seeded Gemma 4 checkpoints built locally (no hub), shared by tests, benchmarks and the demo.
+
+The recipe keeps every Gemma 4 feature that breaks LoRA tooling: sliding and full attention with
+different head sizes, KV-shared layers, ``attention_k_eq_v``, vision and audio towers whose
+``Gemma4ClippableLinear`` bounds are *finite* (so a lost clamp changes outputs), a tiny tokenizer
+trained offline and a processor saved beside the weights so vLLM can load the directory.
+Head sizes are 32 (sliding) and 64 (full) because vLLM's CPU attention supports only listed sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+VOCAB_SIZE = 512
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad_token": "<pad>",
+    "eos_token": "<eos>",
+    "bos_token": "<bos>",
+    "unk_token": "<unk>",
+}
+MULTIMODAL_TOKENS: dict[str, str] = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "video_token": "<|video|>",
+}
+# Token ids follow from training order: the four basic specials first, then the multimodal ones.
+TOKEN_IDS: dict[str, int] = {
+    name: i for i, name in enumerate([*SPECIAL_TOKENS.values(), *MULTIMODAL_TOKENS.values()])
+}
+_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. gemma four adapters serve what was trained. "
+    "low rank adaptation keeps the base frozen and learns a small delta. vision and audio towers "
+    "clamp their inputs and outputs. shared key value layers reuse the cache of an earlier layer. "
+    "a picture of a cat, a sound of rain, a sentence about numbers one two three four five six. "
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Knobs of a tiny Gemma 4; defaults switch every structural feature on."""
+
+    seed: int = 0
+    num_hidden_layers: int = 5
+    num_kv_shared_layers: int = 2
+    attention_k_eq_v: bool = True
+    vision: bool = True
+    audio: bool = True
+    finite_clip_bounds: bool = True
+    dtype: str = "float32"
+
+    def layer_types(self) -> list[str]:
+        # Each attention kind keeps a non-shared layer before the shared tail, and the last is full.
+        pattern = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+        types = [pattern[i % len(pattern)] for i in range(self.num_hidden_layers - 1)]
+        return [*types, "full_attention"]
+
+
+def tiny_config_dict(spec: TinySpec) -> dict[str, Any]:
+    """A Gemma4Config as a plain dict (what ``config.json`` holds before transformers fills defaults)."""
+    text = {
+        "vocab_size": VOCAB_SIZE,
+        "vocab_size_per_layer_input": VOCAB_SIZE,
+        "hidden_size": 64,
+        "hidden_size_per_layer_input": 8,
+        "intermediate_size": 96,
+        "num_hidden_layers": spec.num_hidden_layers,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "global_head_dim": 64,
+        "num_global_key_value_heads": 1,
+        "layer_types": spec.layer_types(),
+        "sliding_window": 8,
+        "num_kv_shared_layers": spec.num_kv_shared_layers,
+        "attention_k_eq_v": spec.attention_k_eq_v,
+        "max_position_embeddings": 1024,
+        "final_logit_softcapping": 30.0,
+        "pad_token_id": TOKEN_IDS["<pad>"],
+        "eos_token_id": TOKEN_IDS["<eos>"],
+        "bos_token_id": TOKEN_IDS["<bos>"],
+    }
+    config: dict[str, Any] = {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        "vision_config": None,
+        "audio_config": None,
+        "boi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boi_token"]],
+        "eoi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["eoi_token"]],
+        "image_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["image_token"]],
+        "video_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["video_token"]],
+        "boa_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boa_token"]],
+        "eoa_token_index": TOKEN_IDS[MULTIMODAL_TOKENS["eoa_token"]],
+        "audio_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["audio_token"]],
+        "pad_token_id": TOKEN_IDS["<pad>"],
+        "eos_token_id": TOKEN_IDS["<eos>"],
+        "bos_token_id": TOKEN_IDS["<bos>"],
+    }
+    if spec.vision:
+        config["vision_config"] = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": 4,
+            "pooling_kernel_size": 2,
+            "position_embedding_size": 64,
+            "use_clipped_linears": True,
+        }
+    if spec.audio:
+        config["audio_config"] = {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "subsampling_conv_channels": [16, 8],
+            "conv_kernel_size": 3,
+            "output_proj_dims": 48,
+            "use_clipped_linears": True,
+        }
+    return config
+
+
+def build_tokenizer(out_dir: Path) -> Any:
+    """Train a tiny BPE tokenizer offline and save it as a Gemma-style fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [*SPECIAL_TOKENS.values(), *MULTIMODAL_TOKENS.values()]
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        **SPECIAL_TOKENS,
+        extra_special_tokens=dict(MULTIMODAL_TOKENS),
+        model_max_length=1024,
+    )
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['content'] if m['content'] is string else "
+        "m['content'] | map(attribute='text') | select | join(' ') }}{% endfor %}"
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _set_finite_clip_bounds(model: Any, seed: int) -> int:
+    """Give every clippable linear finite bounds tight enough to bite on random activations."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ != "Gemma4ClippableLinear" or not module.use_clipped_linears:
+            continue
+        lo, hi = (torch.rand(2, generator=gen) * 0.4 + 0.3).tolist()
+        module.input_min.fill_(-lo)
+        module.input_max.fill_(hi)
+        out_lo, out_hi = (torch.rand(2, generator=gen) * 0.2 + 0.1).tolist()
+        module.output_min.fill_(-out_lo)
+        module.output_max.fill_(out_hi)
+        count += 1
+    return count
+
+
+def build_tiny_gemma4(out_dir: str | os.PathLike[str], spec: TinySpec | None = None) -> Path:
+    """Write a real ``Gemma4ForConditionalGeneration`` checkpoint, tokenizer and processor to ``out_dir``."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    config = Gemma4Config(**{k: v for k, v in tiny_config_dict(spec).items() if k not in ("architectures", "model_type")})
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Random init leaves some weights at exactly 0 or 1 (norms); perturb so every weight matters.
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+        if spec.finite_clip_bounds:
+            _set_finite_clip_bounds(model, spec.seed)
+    model.to(getattr(torch, spec.dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer = build_tokenizer(out)
+    _save_processor(out, tokenizer, spec)
+    (out / "tiny_spec.json").write_text(json.dumps(spec.__dict__, indent=1))
+    return out
+
+
+def _save_processor(out: Path, tokenizer: Any, spec: TinySpec) -> None:
+    """Save image processor / feature extractor / processor so vLLM and HF processors load offline."""
+    if not (spec.vision or spec.audio):
+        return
+    from transformers import Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.models.gemma4.video_processing_gemma4 import Gemma4VideoProcessor
+
+    image_processor = Gemma4ImageProcessorPil(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70)
+    feature_extractor = Gemma4AudioFeatureExtractor(feature_size=16)
+    processor = Gemma4Processor(
+        image_processor=image_processor,
+        feature_extractor=feature_extractor,
+        video_processor=Gemma4VideoProcessor(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
+        tokenizer=tokenizer,
+        image_seq_length=70,
+        audio_seq_length=64,
+    )
+    processor.save_pretrained(out)
+
+
+def variant(**changes: Any) -> TinySpec:
+    """A ``TinySpec`` with some knobs changed, e.g. ``variant(audio=False)``."""
+    return replace(TinySpec(), **changes)
+
+
+def load_tiny_model(model_dir: str | os.PathLike[str]) -> Any:
+    """Load a fixture (or any Gemma 4 dir) in float32 with eager attention: bitwise-reproducible logits."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    return Gemma4ForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def write_peft_adapter(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    target_modules: str | list[str] = "all-linear",
+    r: int = 4,
+    lora_alpha: int = 8,
+    use_rslora: bool = False,
+    seed: int = 1,
+    scale: float = 0.2,
+    **lora_kwargs: Any,
+) -> Path:
+    """Write a real PEFT LoRA adapter for a tiny model, with random nonzero A *and* B.
+
+    PEFT initialises B to zero (a no-op adapter); tests need deltas that move logits, so both
+    factors are drawn from a seeded generator after ``get_peft_model``.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = load_tiny_model(model_dir)
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=target_modules, **lora_kwargs
+    )
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    out = Path(out_dir)
+    peft_model.save_pretrained(out)
+    return out

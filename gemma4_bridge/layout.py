@@ -1,0 +1,299 @@
+"""What a Gemma 4 checkpoint is made of, read from ``config.json`` and safetensors headers only.
+
+This is the single source of truth about Gemma 4 structure for the converters, the serving plugins
+and the training wrapper: text layers and their attention kind, which layers store and which reuse
+K/V (KV-shared layers have no k_proj/v_proj), which layers compute V from k_proj (``k_eq_v``), the
+towers present, their ``Gemma4ClippableLinear`` sites, and every LoRA-able linear with its shape.
+No tensor data is read, so a 30 GB checkpoint is described in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from gemma4_bridge.errors import BridgeError
+
+AttentionKind = Literal["sliding", "full"]
+KVRole = Literal["own", "store", "reuse"]
+Component = Literal["language_model", "vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+
+# Checkpoint prefixes of each component, in the transformers (= PEFT) naming.
+COMPONENT_PREFIXES: dict[Component, str] = {
+    "language_model": "model.language_model.",
+    "vision_tower": "model.vision_tower.",
+    "audio_tower": "model.audio_tower.",
+    "embed_vision": "model.embed_vision.",
+    "embed_audio": "model.embed_audio.",
+}
+TOWERS: dict[str, Component] = {"vision": "vision_tower", "audio": "audio_tower"}
+# 2-D weights that are lookup tables, not linears.
+NON_LINEAR_WEIGHTS = re.compile(r"(embed_tokens|embed_tokens_per_layer|position_embedding_table)\.weight$")
+# Linears that do not act on the token stream: a LoRA there changes positional terms, not tokens.
+NON_TOKEN_LINEARS = re.compile(r"\.self_attn\.relative_k_proj$")
+CLIP_BUFFERS = ("input_min", "input_max", "output_min", "output_max")
+_TEXT_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One ``nn.Linear`` that can receive a LoRA delta, named as in the transformers model."""
+
+    path: str
+    in_features: int
+    out_features: int
+    component: Component
+    clippable: bool  # the Linear is ``Gemma4ClippableLinear.linear``: its delta must act inside the clamp
+    token_wise: bool = True
+    has_bias: bool = False
+
+    @property
+    def wrapper_path(self) -> str:
+        """The ``Gemma4ClippableLinear`` module for a clippable site, else the Linear itself."""
+        return self.path.removesuffix(".linear") if self.clippable else self.path
+
+    @property
+    def leaf(self) -> str:
+        """PEFT-style target name (``q_proj``, ``ffw_layer_1``), the wrapper's name for tower sites."""
+        return self.wrapper_path.rsplit(".", 1)[-1]
+
+    @property
+    def text_layer(self) -> int | None:
+        m = _TEXT_LAYER.match(self.path)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class TextLayer:
+    """A decoder layer of the language model and how its attention gets K and V."""
+
+    index: int
+    attention: AttentionKind
+    head_dim: int
+    num_kv_heads: int
+    kv_role: KVRole  # "reuse": K/V come from the last "store" layer of the same attention kind
+    k_eq_v: bool  # V is the k_proj output (full attention with attention_k_eq_v): no v_proj
+    kv_source: int | None = None  # for "reuse" layers, the layer whose K/V they read
+
+    @property
+    def has_k_proj(self) -> bool:
+        return self.kv_role != "reuse"
+
+    @property
+    def has_v_proj(self) -> bool:
+        return self.kv_role != "reuse" and not self.k_eq_v
+
+
+@dataclass(frozen=True)
+class Gemma4Layout:
+    """The structure of one Gemma 4 checkpoint. Build with :meth:`from_model_dir`."""
+
+    text_layers: tuple[TextLayer, ...]
+    towers: tuple[str, ...]
+    linears: Mapping[str, LinearSite]
+    clippable_sites: tuple[str, ...]
+    hidden_size: int
+    vocab_size: int
+    source: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    # -- derived facts, named as Gemma 4 names them ------------------------------------------
+    @cached_property
+    def kv_shared_layers(self) -> tuple[int, ...]:
+        """Layers that reuse another layer's K/V and have no k_proj/v_proj of their own."""
+        return tuple(layer.index for layer in self.text_layers if layer.kv_role == "reuse")
+
+    @cached_property
+    def kv_store_layers(self) -> tuple[int, ...]:
+        """Layers whose K/V the KV-shared layers read (their k/v LoRA reaches those layers too)."""
+        return tuple(layer.index for layer in self.text_layers if layer.kv_role == "store")
+
+    @cached_property
+    def k_eq_v_layers(self) -> tuple[int, ...]:
+        """Layers whose V is the k_proj output: a k_proj LoRA there changes V as well."""
+        return tuple(layer.index for layer in self.text_layers if layer.k_eq_v and layer.has_k_proj)
+
+    def site(self, path: str) -> LinearSite | None:
+        return self.linears.get(path)
+
+    def sites_of(self, component: Component) -> list[LinearSite]:
+        return [s for s in self.linears.values() if s.component == component]
+
+    def missing_site_reason(self, path: str) -> str | None:
+        """Why ``path`` names no linear although a Gemma 4 adapter may carry it; None if unexplained."""
+        m = re.match(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)$", path)
+        if m and int(m.group(1)) < len(self.text_layers):
+            layer = self.text_layers[int(m.group(1))]
+            if layer.kv_role == "reuse":
+                return (
+                    f"layer {layer.index} is KV-shared (it reuses layer {layer.kv_source}'s K/V) and has no "
+                    f"{m.group(2)}; such tensors come from training on transformers 5.5.0/5.5.1"
+                )
+            if m.group(2) == "v_proj" and layer.k_eq_v:
+                return f"layer {layer.index} uses attention_k_eq_v (V is the k_proj output) and has no v_proj"
+        for tower, component in TOWERS.items():
+            if path.startswith(COMPONENT_PREFIXES[component]) and tower not in self.towers:
+                return f"the base model has no {tower} tower"
+        return None
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> Gemma4Layout:
+        """Read ``config.json`` and the safetensors headers of a Gemma 4 model directory."""
+        root = Path(model_dir)
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise BridgeError(
+                f"{root}: no config.json, so this is not a model directory.",
+                fix="pass the directory that holds the base model's config.json and *.safetensors",
+            )
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise BridgeError(f"{config_path}: not valid JSON ({exc}).", fix="restore the file from the model") from exc
+        return cls.from_config(config, read_weight_shapes(root), source=str(root))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], source: str = "") -> Gemma4Layout:
+        """Derive the layout from a config dict and a {tensor name: shape} map (checkpoint naming)."""
+        text_config = config.get("text_config") or config
+        model_type = config.get("model_type", "")
+        if not str(model_type).startswith("gemma4"):
+            raise BridgeError(
+                f"{source or 'config'}: model_type is {model_type!r}, not a Gemma 4 model.",
+                fix="gemma4-bridge only handles Gemma 4 checkpoints (model_type 'gemma4' or 'gemma4_text')",
+            )
+        shapes = _to_multimodal_names(shapes) if model_type == "gemma4_text" else dict(shapes)
+        text_layers = tuple(_text_layers(text_config))
+        towers = tuple(t for t, c in TOWERS.items() if config.get(f"{t}_config") and _has_prefix(shapes, c))
+        linears: dict[str, LinearSite] = {}
+        clippable: list[str] = []
+        for name, shape in sorted(shapes.items()):
+            if not name.endswith(".weight") or len(shape) != 2 or NON_LINEAR_WEIGHTS.search(name):
+                continue
+            component = _component_of(name)
+            if component is None:
+                continue  # lm_head and anything outside the model proper
+            path = name.removesuffix(".weight")
+            layer_match = _TEXT_LAYER.match(path)
+            if layer_match and re.search(r"\.self_attn\.(k_proj|v_proj)$", path):
+                layer = text_layers[int(layer_match.group(1))]
+                if (path.endswith("k_proj") and not layer.has_k_proj) or (path.endswith("v_proj") and not layer.has_v_proj):
+                    continue  # stale tensor the model ignores on load (KV-shared / k_eq_v layer)
+            is_clippable = path.endswith(".linear") and f"{path.removesuffix('.linear')}.input_min" in shapes
+            if is_clippable:
+                clippable.append(path.removesuffix(".linear"))
+            linears[path] = LinearSite(
+                path=path,
+                in_features=int(shape[1]),
+                out_features=int(shape[0]),
+                component=component,
+                clippable=is_clippable,
+                token_wise=not NON_TOKEN_LINEARS.search(path),
+                has_bias=f"{path}.bias" in shapes,
+            )
+        return cls(
+            text_layers=text_layers,
+            towers=towers,
+            linears=linears,
+            clippable_sites=tuple(clippable),
+            hidden_size=int(text_config["hidden_size"]),
+            vocab_size=int(text_config["vocab_size"]),
+            source=source,
+            config=dict(config),
+        )
+
+
+def _text_layers(text_config: Mapping[str, Any]) -> Iterable[TextLayer]:
+    """Mirror transformers' Gemma4TextAttention: who stores K/V, who reuses it, who has k_eq_v."""
+    num_layers = int(text_config["num_hidden_layers"])
+    layer_types = list(text_config.get("layer_types") or [])
+    if len(layer_types) != num_layers:
+        raise BridgeError(
+            f"config: text_config.layer_types has {len(layer_types)} entries for {num_layers} layers.",
+            fix="the base model's config.json is inconsistent; re-download it",
+        )
+    num_shared = int(text_config.get("num_kv_shared_layers") or 0)
+    first_shared = num_layers - num_shared
+    k_eq_v = bool(text_config.get("attention_k_eq_v"))
+    per_layer = {int(k): v for k, v in (text_config.get("per_layer_config") or {}).items()}
+    base_kv_heads = int(text_config.get("num_key_value_heads") or 1)
+    base_head_dim = int(text_config.get("head_dim") or 0)
+    prev = layer_types[:first_shared]
+    store = {kind: len(prev) - 1 - prev[::-1].index(kind) for kind in set(layer_types) if kind in prev}
+    for i, kind in enumerate(layer_types):
+        attention: AttentionKind = "sliding" if kind == "sliding_attention" else "full"
+        reuse = num_shared > 0 and i >= first_shared
+        role: KVRole = "reuse" if reuse else ("store" if num_shared > 0 and store.get(kind) == i else "own")
+        overrides = per_layer.get(i, {})
+        yield TextLayer(
+            index=i,
+            attention=attention,
+            head_dim=int(overrides.get("head_dim", base_head_dim)),
+            num_kv_heads=int(overrides.get("num_key_value_heads", base_kv_heads)),
+            kv_role=role,
+            k_eq_v=k_eq_v and attention == "full",
+            kv_source=store.get(kind) if reuse else None,
+        )
+
+
+def _component_of(name: str) -> Component | None:
+    for component, prefix in COMPONENT_PREFIXES.items():
+        if name.startswith(prefix):
+            return component
+    return None
+
+
+def _has_prefix(shapes: Mapping[str, Any], component: Component) -> bool:
+    prefix = COMPONENT_PREFIXES[component]
+    return any(name.startswith(prefix) for name in shapes)
+
+
+def _to_multimodal_names(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """A text-only ``Gemma4ForCausalLM`` checkpoint names layers ``model.layers.N``; use one naming."""
+    return {re.sub(r"^model\.", "model.language_model.", k): v for k, v in shapes.items()}
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets), nothing more."""
+    try:
+        with path.open("rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n > 100 * 1024 * 1024:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+            size = path.stat().st_size
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"tensor data ends at byte {8 + n + end} but the file has {size} bytes (truncated)")
+        return header
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BridgeError(
+            f"{path}: not a readable safetensors file ({exc}).",
+            fix="the file is truncated or corrupt; copy it again from its source",
+        ) from exc
+
+
+def read_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} for all safetensors files of a model directory, from headers only."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise BridgeError(
+            f"{model_dir}: no *.safetensors files.",
+            fix="gemma4-bridge reads base models in safetensors format; convert .bin checkpoints first",
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        for name, info in read_safetensors_header(file).items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes

@@ -1,0 +1,100 @@
+"""Canonical adapter tensor names: every PEFT naming variant of a Gemma 4 LoRA key, mapped to one.
+
+Canonical key: ``base_model.model.<module path>.<lora part>.weight`` where the module path is the
+``nn.Linear`` that really receives the delta in the transformers model (tower keys end in
+``...q_proj.linear``). The variants are a declarative table, in the spirit of gguf-py's
+``tensor_mapping.py``: one row per way that real adapters spell a module path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from gemma4_bridge.layout import Gemma4Layout, LinearSite
+
+PEFT_PREFIX = "base_model.model."
+LoraPart = Literal["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"]
+LORA_PARTS: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+# (flavour, pattern on the module path after the PEFT prefix is removed, replacement).
+# First match wins; the result is then resolved against the layout (``.linear`` added for towers).
+MODULE_PATH_VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("transformers", re.compile(r"^(model\.(?:language_model|vision_tower|audio_tower|embed_vision|embed_audio)\..*)$"), r"\1"),
+    ("vllm", re.compile(r"^language_model\.model\.(.*)$"), r"model.language_model.\1"),
+    ("vllm", re.compile(r"^(vision_tower|audio_tower|embed_vision|embed_audio)\.(.*)$"), r"model.\1.\2"),
+    ("causal-lm", re.compile(r"^model\.(layers\..*)$"), r"model.language_model.\1"),
+    ("bare", re.compile(r"^(language_model|vision_tower|audio_tower)\.(layers\..*|encoder\..*)$"), r"model.\1.\2"),
+)
+_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.(?P<kind>weight|bias))?$"
+)
+
+
+@dataclass(frozen=True)
+class ParsedKey:
+    """One adapter tensor key split into what it means."""
+
+    key: str
+    module: str  # module path as written (PEFT prefix removed)
+    part: str  # lora_A, lora_B, ...
+    kind: str  # "weight" or "bias"
+    adapter_name: str | None  # e.g. "default" in hand-saved ``...lora_A.default.weight``
+    had_peft_prefix: bool
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where a key's delta lands in the base model, or why it lands nowhere."""
+
+    parsed: ParsedKey
+    site: LinearSite | None
+    canonical_key: str | None
+    variant: str  # which row of MODULE_PATH_VARIANTS matched ("unknown" if none)
+    added_linear: bool  # tower key written without ``.linear`` (custom clippable LoRA layer)
+    reason: str | None  # set when site is None
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Split an adapter key; None for keys that are not LoRA tensors (e.g. modules_to_save weights)."""
+    had_prefix = key.startswith(PEFT_PREFIX)
+    body = key.removeprefix(PEFT_PREFIX)
+    m = _KEY.match(body)
+    if not m:
+        return None
+    adapter = m.group("adapter")
+    kind = m.group("kind") or "weight"
+    if adapter in ("weight", "bias") and m.group("kind") is None:
+        adapter, kind = None, adapter
+    return ParsedKey(key, m.group("module"), m.group("part"), kind, adapter, had_prefix)
+
+
+def canonical_module_path(module: str) -> tuple[str, str]:
+    """Map a module path in any known naming to transformers naming; returns (path, variant)."""
+    for variant, pattern, replacement in MODULE_PATH_VARIANTS:
+        if pattern.match(module):
+            return pattern.sub(replacement, module), variant
+    return module, "unknown"
+
+
+def canonical_key(site: LinearSite, part: str, kind: str = "weight") -> str:
+    return f"{PEFT_PREFIX}{site.path}.{part}.{kind}"
+
+
+def resolve_key(key: str, layout: Gemma4Layout) -> Resolution | None:
+    """Resolve one adapter key against the base layout; None if it is not a LoRA tensor."""
+    parsed = parse_key(key)
+    if parsed is None:
+        return None
+    path, variant = canonical_module_path(parsed.module)
+    site = layout.site(path)
+    added_linear = False
+    if site is None and not path.endswith(".linear"):
+        wrapped = layout.site(f"{path}.linear")
+        if wrapped is not None and wrapped.clippable:
+            site, added_linear = wrapped, True
+    if site is None:
+        reason = layout.missing_site_reason(path) or f"the base model has no linear module {path}"
+        return Resolution(parsed, None, None, variant, False, reason)
+    return Resolution(parsed, site, canonical_key(site, parsed.part, parsed.kind), variant, added_linear, None)

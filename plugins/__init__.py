@@ -1,0 +1,1 @@
+"""Online serving plugins (installed as ``gemma4_bridge.plugins``)."""
