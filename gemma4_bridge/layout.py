@@ -157,18 +157,14 @@ class Gemma4Layout:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as exc:
             raise BridgeError(f"{config_path}: not valid JSON ({exc}).", fix="restore the file from the model") from exc
+        _require_gemma4(config, str(root))
         return cls.from_config(config, read_weight_shapes(root), source=str(root))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], source: str = "") -> Gemma4Layout:
         """Derive the layout from a config dict and a {tensor name: shape} map (checkpoint naming)."""
         text_config = config.get("text_config") or config
-        model_type = config.get("model_type", "")
-        if not str(model_type).startswith("gemma4"):
-            raise BridgeError(
-                f"{source or 'config'}: model_type is {model_type!r}, not a Gemma 4 model.",
-                fix="gemma4-bridge only handles Gemma 4 checkpoints (model_type 'gemma4' or 'gemma4_text')",
-            )
+        model_type = _require_gemma4(config, source)
         shapes = _to_multimodal_names(shapes) if model_type == "gemma4_text" else dict(shapes)
         text_layers = tuple(_text_layers(text_config))
         towers = tuple(t for t, c in TOWERS.items() if config.get(f"{t}_config") and _has_prefix(shapes, c))
@@ -208,6 +204,16 @@ class Gemma4Layout:
             source=source,
             config=dict(config),
         )
+
+
+def _require_gemma4(config: Mapping[str, Any], source: str) -> str:
+    model_type = str(config.get("model_type", ""))
+    if not model_type.startswith("gemma4"):
+        raise BridgeError(
+            f"{source or 'config'}: model_type is {model_type!r}, not a Gemma 4 model.",
+            fix="gemma4-bridge only handles Gemma 4 checkpoints (model_type 'gemma4' or 'gemma4_text')",
+        )
+    return model_type
 
 
 def _text_layers(text_config: Mapping[str, Any]) -> Iterable[TextLayer]:

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny Gemma 4 checkpoints built once per session, and real PEFT adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from gemma4_bridge.fixtures import TinySpec, build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default fixture: vision + audio, finite clip bounds, 2 KV-shared layers, k_eq_v."""
+    return build_tiny_gemma4(tmp_path_factory.mktemp("tiny") / "model", TinySpec())
+
+
+@pytest.fixture(scope="session")
+def tiny_text_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No towers, no KV sharing, no k_eq_v: the plain-text baseline."""
+    spec = variant(vision=False, audio=False, num_kv_shared_layers=0, attention_k_eq_v=False)
+    return build_tiny_gemma4(tmp_path_factory.mktemp("tiny_text") / "model", spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_no_audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gemma4(tmp_path_factory.mktemp("tiny_noaudio") / "model", variant(audio=False))
+
+
+@pytest.fixture(scope="session")
+def all_linear_adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PEFT ``all-linear`` on the full model: towers wrapped at ``...q_proj.linear``."""
+    return write_peft_adapter(tiny_dir, tmp_path_factory.mktemp("adapters") / "all_linear")
+
+
+@pytest.fixture(scope="session")
+def text_adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Language-model-only attention + MLP LoRA (what vLLM serves without tower flags)."""
+    return write_peft_adapter(
+        tiny_dir,
+        tmp_path_factory.mktemp("adapters") / "text",
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        seed=2,
+    )
