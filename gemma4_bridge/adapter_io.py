@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +27,22 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 METADATA_KEY = "gemma4_bridge"
 
 
-def safe_torch_load(path: Path) -> Any:
-    """Load a pickle checkpoint with ``weights_only=True`` and only the globals a checkpoint needs."""
+def safe_torch_load(path: Path, *, extra_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
+    """Load a pickle checkpoint with ``weights_only=True`` and only the globals a checkpoint needs.
+
+    ``extra_globals`` widens the allow-list for one known file format (e.g. inert stand-ins for the
+    classes a DeepSpeed checkpoint names); ``mmap`` leaves tensor data on disk until touched.
+    """
     import torch
 
-    allowed: list[Any] = [dict, list, tuple, set, int, float, str, bool, type(None)]
+    allowed: list[Any] = [dict, list, tuple, set, int, float, str, bool, type(None), *extra_globals]
     with contextlib.suppress(ImportError):
         from collections import OrderedDict
 
         allowed.append(OrderedDict)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
         raise BridgeError(
             f"{path}: refused to load this pickle file ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}).",

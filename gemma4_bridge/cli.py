@@ -17,7 +17,11 @@ from gemma4_bridge import __version__
 from gemma4_bridge.errors import BridgeError
 
 # name -> module implementing it. Modules import heavy libraries (torch) lazily inside run().
-SUBCOMMANDS: dict[str, str] = {}
+SUBCOMMANDS: dict[str, str] = {
+    "inspect": "gemma4_bridge.converters.cli_inspect",
+    "convert": "gemma4_bridge.converters.cli_convert",
+    "merge": "gemma4_bridge.converters.cli_merge",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

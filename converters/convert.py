@@ -1,0 +1,76 @@
+"""Write the canonical adapter to disk: streamed tensor by tensor, atomically, never over the input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gemma4_bridge.adapter_io import CONFIG_NAME, METADATA_KEY, SAFETENSORS_NAME, AdapterDir, atomic_output_dir
+from gemma4_bridge.errors import BridgeError
+
+from .canonical import CanonicalPlan, find_layout, plan
+from .safetensors_stream import TensorSpec, write_streaming
+
+log = logging.getLogger("gemma4_bridge.convert")
+
+
+def progress_bar(total: int, desc: str, unit: str = "tensor") -> Any:
+    """tqdm on a terminal, silent when stderr is piped or captured."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
+
+
+def refuse_overwriting_input(inputs: list[Path], out: Path) -> None:
+    """The input is never modified: refuse an output that is, contains or lies inside an input."""
+    target = out.resolve()
+    for src in inputs:
+        s = src.resolve()
+        if target == s or s in target.parents or target in s.parents:
+            raise BridgeError(f"{out}: the output overlaps the input {src}.", fix="write the output to a new directory")
+
+
+def convert_adapter(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    zero3_checkpoint: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> CanonicalPlan:
+    """Convert ``adapter`` to the canonical layout in ``out``; returns the plan (the report).
+
+    Raises :class:`BridgeError` (nothing written) if the adapter cannot be served as trained.
+    """
+    ad = AdapterDir.open(adapter)
+    layout = find_layout(base, ad.config)
+    if layout is None:
+        raise BridgeError(
+            f"{ad.path}: no base model given and base_model_name_or_path={ad.config.get('base_model_name_or_path')!r} "
+            "is not a local model directory.",
+            fix="pass --base MODEL_DIR (the Gemma 4 checkpoint the adapter was trained on)",
+        )
+    out_path = Path(out)
+    inputs = [ad.path] + ([Path(zero3_checkpoint)] if zero3_checkpoint else [])
+    refuse_overwriting_input(inputs, out_path)
+    p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)
+    p.raise_if_broken()
+    if out_path.exists() and not force:  # fail before reading any tensor
+        raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
+    for key, why in p.dropped:
+        log.debug("dropped %s: %s", key, why)
+    if p.dropped:
+        log.warning("warning: dropped %d tensor(s) for modules the model does not have (%s)", len(p.dropped), p.dropped[0][1])
+    entries = {e.key: e for e in p.tensors}
+    specs = [TensorSpec(e.key, e.shape, e.dtype) for e in p.tensors]
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(p.metadata(), sort_keys=True)}
+    with atomic_output_dir(out_path, force=force) as tmp, progress_bar(len(specs), "convert") as bar:
+        write_streaming(
+            tmp / SAFETENSORS_NAME, specs, lambda spec: p.load(entries[spec.name]), metadata, lambda _: bar.update(1)
+        )
+        (tmp / CONFIG_NAME).write_text(json.dumps(p.config, indent=2, sort_keys=True) + "\n")
+    return p

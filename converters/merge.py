@@ -1,0 +1,130 @@
+"""Merge an adapter into the base weights, one tensor at a time, for servers without LoRA.
+
+Each base shard is rewritten with :func:`write_streaming`: a tensor is read (mmap), gets
+``scaling * B @ A`` added in float32 if the adapter targets it, is cast back to its own dtype
+(bf16 stays bf16) and written; peak memory is one tensor plus one delta, whatever the model size.
+Clippable tower sites get the delta on ``...linear.weight``, i.e. inside the clamp, exactly where
+PEFT applies it. Config, tokenizer and processor files are copied; the shard index is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gemma4_bridge.adapter_io import AdapterDir, atomic_output_dir
+from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.layout import Gemma4Layout, read_safetensors_header
+
+from .canonical import CanonicalPlan, ModuleDelta, plan
+from .convert import progress_bar, refuse_overwriting_input
+from .safetensors_stream import CODE_TO_DTYPE, TensorSpec, write_streaming
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out: Path
+    plan: CanonicalPlan
+    merged_weights: int
+    shards: int
+
+
+def checkpoint_weight_name(layout: Gemma4Layout, delta: ModuleDelta) -> str:
+    """The base checkpoint's tensor that receives the delta (text-only checkpoints drop ``language_model``)."""
+    name = f"{delta.site.path}.weight"
+    if layout.config.get("model_type") == "gemma4_text":
+        name = name.replace("model.language_model.", "model.", 1)
+    return name
+
+
+def merge_adapter(
+    adapter: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    zero3_checkpoint: str | os.PathLike[str] | None = None,
+    force: bool = False,
+) -> MergeResult:
+    """Write base + adapter as a full checkpoint in ``out``; raises :class:`BridgeError`, writing nothing, on bad input."""
+    base_dir = Path(base)
+    layout = Gemma4Layout.from_model_dir(base_dir)
+    ad = AdapterDir.open(adapter)
+    out_path = Path(out)
+    refuse_overwriting_input([ad.path, base_dir], out_path)
+    p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)
+    p.raise_if_broken()
+    if out_path.exists() and not force:
+        raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
+    deltas = {checkpoint_weight_name(layout, m): m for m in p.modules}
+    shards = sorted(base_dir.glob("*.safetensors"))
+    headers = {shard: read_safetensors_header(shard) for shard in shards}
+    found = {name for h in headers.values() for name in h if name != "__metadata__"}
+    missing = sorted(set(deltas) - found)
+    if missing:
+        raise BridgeError(
+            f"{base_dir}: no tensor {missing[0]} in any shard, but the adapter targets it.",
+            fix="pass --base with the complete checkpoint the adapter was trained on",
+        )
+    total = sum(len(h) - ("__metadata__" in h) for h in headers.values())
+    merged = 0
+    with atomic_output_dir(out_path, force=force) as tmp, progress_bar(total, "merge") as bar:
+        for shard, header in headers.items():
+            merged += _merge_shard(shard, header, tmp / shard.name, deltas, p, bar)
+        _copy_side_files(base_dir, tmp, {s.name for s in shards})
+        _rewrite_index(base_dir, tmp, headers)
+    return MergeResult(out_path, p, merged, len(shards))
+
+
+def _merge_shard(shard: Path, header: dict[str, Any], out: Path, deltas: dict[str, ModuleDelta], p: CanonicalPlan, bar: Any) -> int:
+    from safetensors import safe_open
+
+    specs = [
+        TensorSpec(name, tuple(info["shape"]), CODE_TO_DTYPE[info["dtype"]])
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1)
+        if name != "__metadata__"
+    ]
+    count = 0
+    with safe_open(str(shard), framework="pt") as f:
+
+        def produce(spec: TensorSpec) -> Any:
+            nonlocal count
+            tensor = f.get_tensor(spec.name)
+            delta = deltas.get(spec.name)
+            if delta is None:
+                return tensor
+            a, b = p.load(delta.a).float(), p.load(delta.b).float()
+            count += 1
+            return (tensor.float() + delta.scaling * (b @ a)).to(tensor.dtype)
+
+        metadata = dict(header.get("__metadata__") or {"format": "pt"})
+        metadata["gemma4_bridge_merge"] = json.dumps({"adapter": p.source, "merged_tensors": sorted(n for n in deltas if n in header)})
+        write_streaming(out, specs, produce, metadata, lambda _: bar.update(1))
+    return count
+
+
+def _copy_side_files(base_dir: Path, out: Path, shard_names: set[str]) -> None:
+    """Config, generation config, tokenizer, processor, chat template: everything but weights and index."""
+    for item in base_dir.iterdir():
+        if item.name in shard_names or item.name == INDEX_NAME or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
+
+
+def _rewrite_index(base_dir: Path, out: Path, headers: dict[Path, dict[str, Any]]) -> None:
+    index_path = base_dir / INDEX_NAME
+    if not index_path.is_file():
+        return
+    index = json.loads(index_path.read_text())
+    total = sum(info["data_offsets"][1] - info["data_offsets"][0] for h in headers.values() for k, info in h.items() if k != "__metadata__")
+    index.setdefault("metadata", {})["total_size"] = total
+    index["weight_map"] = {name: shard.name for shard, h in headers.items() for name in h if name != "__metadata__"}
+    (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,189 @@
+"""A real DeepSpeed ZeRO-3 LoRA training run on CPU (gloo), reproducing the "damaged adapter" bug.
+
+Why: under ZeRO-3 every partitioned parameter is a zero-element placeholder on each rank, so a
+``peft_model.save_pretrained`` that does not gather first writes an adapter whose large tensors
+have shape ``[0]`` while small ones (below ``stage3_param_persistence_threshold``) save intact.
+Converters, the demo and the training wrapper all need that exact artefact, made by DeepSpeed
+itself, not by a mock. One call produces, in ``out_dir``::
+
+    checkpoint-<steps>/               the damaged adapter, saved the naive way (HF Trainer layout)
+        adapter_config.json
+        adapter_model.safetensors     zero-element tensors for every partitioned LoRA weight
+        latest                        DeepSpeed tag file ("global_step<steps>")
+        global_step<steps>/           zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt, R < world_size
+    reference_adapter/                the same adapter gathered correctly (GatheredParameters): the truth
+    job.json                          what was run: steps, world size, dtype, damaged/intact tensor names
+
+Library use::
+
+    from gemma4_bridge.zero3_job import run_zero3_job
+    result = run_zero3_job(model_dir, out_dir)           # ~60-90 s on 2 CPU cores (first run JIT-builds an op)
+    result.damaged_adapter, result.checkpoint_dir, result.reference_adapter
+
+Command line: ``python -m gemma4_bridge.zero3_job MODEL_DIR OUT_DIR [--steps 3] [--world-size 2]``.
+The workers are launched with ``torch.distributed.run`` in a subprocess, so the caller's process
+never imports DeepSpeed or joins a process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# Small enough that the tiny model's tower LoRA factors (r*32 = 128 elements) stay whole while
+# the text ones (>= 256 elements) are partitioned: "half the layers" survive, as in real runs.
+PERSISTENCE_THRESHOLD = 200
+_WORKER_ENV = "GEMMA4_BRIDGE_ZERO3_WORKER"
+
+
+@dataclass(frozen=True)
+class Zero3JobResult:
+    """Paths written by :func:`run_zero3_job`."""
+
+    out_dir: Path
+    damaged_adapter: Path  # also holds the DeepSpeed checkpoint (``latest`` + ``global_stepN/``)
+    checkpoint_dir: Path  # == damaged_adapter: where DeepSpeed's ``latest`` file lives
+    reference_adapter: Path  # correctly gathered adapter (ground truth for recovery)
+    steps: int
+    world_size: int
+
+
+def run_zero3_job(
+    model_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    steps: int = 3,
+    world_size: int = 2,
+    r: int = 4,
+    lora_alpha: int = 8,
+    dtype: str = "float32",
+    timeout_s: float = 600,
+) -> Zero3JobResult:
+    """Train a PEFT all-linear LoRA with ZeRO-3 on ``world_size`` CPU ranks and save both artefacts.
+
+    ``dtype`` is the model/adapter dtype ("float32" or "bfloat16"); DeepSpeed keeps fp32 master
+    weights in the checkpoint either way. Raises ``RuntimeError`` with the workers' output tail
+    if the job fails.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={world_size}", f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
+        "-m", "gemma4_bridge.zero3_job",
+    ]  # fmt: skip
+    # Worker arguments travel in the environment: torch.distributed.run would parse "--r" as its own.
+    env[_WORKER_ENV] = json.dumps(
+        {"model_dir": str(model_dir), "out": str(out), "steps": steps, "r": r, "lora_alpha": lora_alpha, "dtype": dtype}
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        raise RuntimeError(f"ZeRO-3 job failed (exit {proc.returncode}):\n{tail}")
+    damaged = out / f"checkpoint-{steps}"
+    return Zero3JobResult(out, damaged, damaged, out / "reference_adapter", steps, world_size)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(model_dir: Path, out: Path, steps: int, r: int, lora_alpha: int, dtype: str) -> None:
+    """One rank: PEFT all-linear LoRA, ZeRO-3, a few AdamW steps on random text."""
+    import deepspeed
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from gemma4_bridge.fixtures import load_tiny_model
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    torch.manual_seed(0)  # identical init on every rank
+    model = load_tiny_model(model_dir).to(getattr(torch, dtype))
+    # init_lora_weights=False: B starts nonzero too, so every delta is nonzero and testable.
+    lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=peft_model, optimizer=optimizer, config=ds_config)
+    gen = torch.Generator().manual_seed(100 + rank)
+    vocab = peft_model.config.text_config.vocab_size
+    for _ in range(steps):
+        ids = torch.randint(16, vocab, (1, 12), generator=gen)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+
+    damaged = out / f"checkpoint-{steps}"
+    if rank == 0:
+        # The bug: save without gathering. Partitioned params are [0]-shaped placeholders.
+        peft_model.save_pretrained(damaged, safe_serialization=True)
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(damaged), tag=f"global_step{steps}")
+    lora_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    with deepspeed.zero.GatheredParameters(lora_params, modifier_rank=None):
+        if rank == 0:
+            peft_model.save_pretrained(out / "reference_adapter", safe_serialization=True)
+    if rank == 0:
+        from safetensors import safe_open
+
+        with safe_open(str(damaged / "adapter_model.safetensors"), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        record = {
+            "steps": steps,
+            "world_size": world,
+            "dtype": dtype,
+            "persistence_threshold": PERSISTENCE_THRESHOLD,
+            "damaged_tensors": sorted(k for k, s in shapes.items() if 0 in s),
+            "intact_tensors": sorted(k for k, s in shapes.items() if 0 not in s),
+        }
+        (out / "job.json").write_text(json.dumps(record, indent=1))
+    torch.distributed.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--r", type=int, default=4)
+    parser.add_argument("--lora-alpha", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    if _WORKER_ENV in os.environ and argv is None:
+        spec = json.loads(os.environ[_WORKER_ENV])
+        _worker(Path(spec["model_dir"]), Path(spec["out"]), spec["steps"], spec["r"], spec["lora_alpha"], spec["dtype"])
+        return 0
+    args = parser.parse_args(argv)
+    result = run_zero3_job(
+        args.model_dir, args.out_dir, steps=args.steps, world_size=args.world_size,
+        r=args.r, lora_alpha=args.lora_alpha, dtype=args.dtype,
+    )  # fmt: skip
+    print(f"damaged adapter + DeepSpeed checkpoint: {result.damaged_adapter}")
+    print(f"reference (gathered) adapter:          {result.reference_adapter}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
