@@ -54,6 +54,7 @@ class TinySpec:
     vision: bool = True
     audio: bool = True
     finite_clip_bounds: bool = True
+    double_wide_mlp: bool = False  # use_double_wide_mlp: KV-shared layers get a 2x intermediate MLP
     dtype: str = "float32"
 
     def layer_types(self) -> list[str]:
@@ -81,6 +82,7 @@ def tiny_config_dict(spec: TinySpec) -> dict[str, Any]:
         "sliding_window": 8,
         "num_kv_shared_layers": spec.num_kv_shared_layers,
         "attention_k_eq_v": spec.attention_k_eq_v,
+        "use_double_wide_mlp": spec.double_wide_mlp,
         "max_position_embeddings": 1024,
         "final_logit_softcapping": 30.0,
         "pad_token_id": TOKEN_IDS["<pad>"],
