@@ -187,3 +187,73 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_synthetic_zero3_checkpoint(
+    params: dict[str, object],
+    ckpt_dir: str | os.PathLike[str],
+    *,
+    world_size: int,
+    step: int = 1,
+    num_groups: int = 1,
+    adam_states: bool = False,
+) -> Path:
+    """Write a checkpoint in DeepSpeed ZeRO-3's on-disk format for ``params`` (name -> tensor), no training.
+
+    For benchmarks and multi-rank tests where a real run is too slow: same files, keys and
+    partitioning as ``engine.save_checkpoint`` (DeepSpeed's own ``zero_to_fp32`` reads it; a test
+    checks that). Params are split into ``num_groups`` optimizer groups in order; ``adam_states``
+    adds exp_avg/exp_avg_sq of the same size, as a real checkpoint has. Returns the tag directory.
+    """
+    import math
+    from collections import OrderedDict
+
+    import torch
+
+    root = Path(ckpt_dir)
+    tag = f"global_step{step}"
+    tag_dir = root / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    names = list(params)
+    bounds = [round(i * len(names) / num_groups) for i in range(num_groups + 1)]
+    groups = [names[bounds[g] : bounds[g + 1]] for g in range(num_groups)]
+    param_shapes = [OrderedDict((n, torch.Size(params[n].shape)) for n in group) for group in groups]  # type: ignore[attr-defined]
+    for rank in range(world_size):
+        flats = []
+        for group in groups:
+            chunks = []
+            for n in group:
+                flat = params[n].detach().float().reshape(-1)  # type: ignore[attr-defined]
+                chunk = math.ceil(flat.numel() / world_size)
+                padded = torch.nn.functional.pad(flat, (0, chunk * world_size - flat.numel()))
+                chunks.append(padded[rank * chunk : (rank + 1) * chunk])
+            flats.append(torch.cat(chunks) if chunks else torch.zeros(0))
+        inner = {"state": {g: {"exp_avg": f.clone(), "exp_avg_sq": f.clone(), "step": torch.tensor(float(step))} for g, f in enumerate(flats)}} if adam_states else {}
+        optim = {
+            "optimizer_state_dict": {
+                "zero_stage": 3,
+                "loss_scaler": None,
+                "dynamic_loss_scale": False,
+                "overflow": False,
+                "partition_count": world_size,
+                "optimizer_state_dict": inner,
+                "fp32_flat_groups": flats,
+            },
+            "ds_version": "0.19.8",
+        }
+        torch.save(optim, tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        model_states = {
+            "module": OrderedDict(),
+            "buffer_names": [],
+            "optimizer": None,
+            "param_shapes": param_shapes,
+            "frozen_param_shapes": OrderedDict(),
+            "shared_params": {},
+            "frozen_param_fragments": OrderedDict(),
+            "dp_world_size": world_size,
+            "mp_world_size": 1,
+            "ds_version": "0.19.8",
+        }
+        torch.save(model_states, tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    (root / "latest").write_text(tag)
+    return tag_dir

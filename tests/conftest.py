@@ -45,3 +45,14 @@ def text_adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
         seed=2,
     )
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A real 2-rank DeepSpeed ZeRO-3 LoRA run over gloo: damaged adapter + checkpoint + gathered truth.
+
+    ~60-90 s (plus ~50 s the first time DeepSpeed JIT-builds its shm op). See gemma4_bridge.zero3_job.
+    """
+    from gemma4_bridge.zero3_job import run_zero3_job
+
+    return run_zero3_job(tiny_dir, tmp_path_factory.mktemp("zero3") / "run", steps=2, world_size=2)
