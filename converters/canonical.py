@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Severity = Literal["fixable", "broken", "note"]
 # Config fields that only select modules; the canonical config lists modules explicitly instead.
+LORA_DTYPES = ("F32", "BF16", "F16", "F64")
 SELECTION_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")
 
 
@@ -92,7 +93,7 @@ class TensorSource:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            if info.get("dtype") not in CODE_TO_DTYPE:
+            if info.get("dtype") not in LORA_DTYPES:
                 raise BridgeError(
                     f"{adapter.weights}: tensor {key} has dtype {info.get('dtype')}, not a LoRA weight dtype.",
                     fix="save LoRA weights in float32, bfloat16 or float16",

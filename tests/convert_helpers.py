@@ -36,7 +36,7 @@ def write_variant(
     new: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         value = transform(key, value) if transform else value
-        new[rename(key) if rename else key] = value
+        new[rename(key) if rename else key] = value.contiguous()
     new.update(extra or {})
     config = json.loads((src / "adapter_config.json").read_text())
     config.update(config_update or {})
