@@ -1,0 +1,436 @@
+"""A thin layer over transformers + PEFT + TRL that makes Gemma 4 LoRA training correct or loud.
+
+Four things go silently wrong when Gemma 4 is LoRA-trained with the stock stack; each has one fix here:
+
+* Towers: PEFT refuses ``Gemma4ClippableLinear`` (an ``nn.Module`` holding ``.linear`` between two
+  clamps), so ``target_modules=["q_proj", ...]`` fails on the multimodal model. :func:`lora_config`
+  rewrites any target spec into explicit module paths resolved against :class:`Gemma4Layout`, with
+  tower sites pointing at the inner ``...q_proj.linear``. Stock PEFT then wraps a plain ``nn.Linear``
+  *inside* the clamp, exactly where a merged weight acts, and reloads with no custom registration.
+* KV sharing: on transformers 5.5.0/5.5.1 the KV-shared layers read garbage K/V whenever
+  ``use_cache=False`` (TRL always sets it), so :func:`prepare_model` refuses those versions. With
+  *reentrant* gradient checkpointing the K/V that ``store`` layers hand to the shared layers are
+  produced without grad tracking: the loss is right but gradients are not. :func:`prepare_model`
+  installs a guard that switches the decoder to non-reentrant checkpointing (with a warning) whoever
+  enabled it, including TRL's forced ``use_reentrant=True`` for PEFT + DeepSpeed ZeRO-3.
+* ZeRO-3: partitioned parameters are ``[0]``-shaped placeholders, so a plain ``save_pretrained``
+  writes empty tensors. :func:`save_adapter` gathers first (a collective: call it on every rank).
+* Output: :func:`save_adapter` writes the canonical layout through the converters' own planner, so
+  the result loads in the vLLM plugin without conversion.
+
+With TRL the whole recipe is one changed name: ``Gemma4SFTTrainer`` instead of ``trl.SFTTrainer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from packaging.version import Version
+
+from gemma4_bridge import __version__
+from gemma4_bridge.adapter_io import CONFIG_NAME, SAFETENSORS_NAME, atomic_output_dir, write_adapter
+from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.layout import Gemma4Layout
+
+logger = logging.getLogger(__name__)
+
+_LAYOUT_ATTR = "_gemma4_bridge_layout"
+_GUARD_ATTR = "_gemma4_bridge_checkpoint_guard"
+# transformers releases where KV sharing lived in the cache object (issue 45242, fixed by PR 45312).
+BROKEN_KV_SHARING_RELEASES = ((5, 5, 0), (5, 5, 1))
+FIXED_KV_SHARING_RELEASE = "5.5.2"
+
+
+class KVSharingCheckpointWarning(UserWarning):
+    """Reentrant gradient checkpointing was switched to non-reentrant on a KV-sharing Gemma 4."""
+
+
+# -- the model ---------------------------------------------------------------------------------
+def layout_of(model: torch.nn.Module) -> Gemma4Layout:
+    """The :class:`Gemma4Layout` of an instantiated (possibly ZeRO-3 partitioned) transformers model."""
+    cached = getattr(model, _LAYOUT_ATTR, None)
+    if cached is not None:
+        return cached
+    base = _unwrap(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, param in base.named_parameters():
+        shapes[name] = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the true shape in ds_shape
+    for name, buffer in base.named_buffers():
+        shapes[name] = tuple(buffer.shape)
+    return Gemma4Layout.from_config(base.config.to_dict(), shapes, source=type(base).__name__)
+
+
+def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Check a Gemma 4 model for the silent training failures and install their repairs; returns it.
+
+    Idempotent; call it on the transformers model before ``get_peft_model`` (``Gemma4SFTTrainer``
+    does it for you).
+    """
+    base = _unwrap(model)
+    layout = layout_of(base)
+    check_transformers_version(layout)
+    if layout.kv_shared_layers and not getattr(base, _GUARD_ATTR, None):
+        decoder = _text_decoder(base)
+        guard = _KVSharingCheckpointGuard(layout)
+        handle = decoder.register_forward_pre_hook(guard)
+        object.__setattr__(base, _GUARD_ATTR, handle)  # not an nn.Module attribute: keep it out of state
+    object.__setattr__(base, _LAYOUT_ATTR, layout)
+    return model
+
+
+def check_transformers_version(layout: Gemma4Layout, version: str | None = None) -> None:
+    """Refuse transformers 5.5.0/5.5.1 on a model with KV-shared layers (they train on garbage K/V)."""
+    if not layout.kv_shared_layers:
+        return
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if Version(version).release[:3] in BROKEN_KV_SHARING_RELEASES:
+        raise BridgeError(
+            f"transformers {version} computes wrong K/V for the KV-shared layers {list(layout.kv_shared_layers)} "
+            "whenever use_cache=False, which every trainer sets (transformers issue 45242): the loss looks "
+            "plausible but the model learns from garbage.",
+            fix=f"install transformers>={FIXED_KV_SHARING_RELEASE} (pip install -U 'transformers>={FIXED_KV_SHARING_RELEASE}')",
+        )
+
+
+class _KVSharingCheckpointGuard:
+    """Forward pre-hook on the text decoder: before each training forward, make checkpointing non-reentrant.
+
+    Checking at forward time (not at ``gradient_checkpointing_enable``) catches every way of turning
+    checkpointing on: the user, ``transformers.Trainer``, and TRL's forced ``use_reentrant=True``.
+    """
+
+    def __init__(self, layout: Gemma4Layout) -> None:
+        self.layout = layout
+        self.warned = False
+
+    def __call__(self, decoder: torch.nn.Module, args: Any) -> None:
+        if not decoder.training:
+            return
+        for module in decoder.modules():
+            if not getattr(module, "gradient_checkpointing", False):
+                continue
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is None or not _is_reentrant(func):
+                continue
+            module._gradient_checkpointing_func = self._non_reentrant(func, decoder)
+
+    def _non_reentrant(self, func: Callable[..., Any], decoder: torch.nn.Module) -> Callable[..., Any]:
+        if not isinstance(func, functools.partial):
+            raise BridgeError(
+                "gradient checkpointing on this Gemma 4 uses a custom checkpoint function that gemma4-bridge cannot "
+                f"inspect; if it is reentrant, the K/V-storing layers {list(self.layout.kv_store_layers)} get wrong "
+                "gradients from the KV-shared layers.",
+                fix="enable checkpointing with model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False})",
+            )
+        _require_zero3_recompute_support(decoder)
+        if not self.warned:
+            self.warned = True
+            message = (
+                f"Gemma 4 layers {list(self.layout.kv_shared_layers)} reuse the K/V of layers "
+                f"{list(self.layout.kv_store_layers)}; with reentrant gradient checkpointing those K/V are recomputed "
+                "without grad tracking, so the loss is right but the gradients of every layer up to the K/V-storing "
+                "ones are wrong. gemma4-bridge switched checkpointing to use_reentrant=False (exact)."
+            )
+            warnings.warn(message, KVSharingCheckpointWarning, stacklevel=2)
+            logger.warning(message)
+        return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
+
+
+def _is_reentrant(func: Callable[..., Any]) -> bool:
+    # transformers binds the checkpoint kwargs with functools.partial; torch treats a missing flag as
+    # reentrant in the releases that still accept it, so anything but an explicit False counts.
+    keywords = getattr(func, "keywords", None)
+    return not (isinstance(keywords, dict) and keywords.get("use_reentrant") is False)
+
+
+def _require_zero3_recompute_support(model: torch.nn.Module) -> None:
+    """Non-reentrant recompute under ZeRO-3 needs DeepSpeed's recompute attribution (DeepSpeed PR 8130)."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    if not hasattr(partitioned_param_coordinator, "update_recompute_parameters"):
+        import deepspeed
+
+        raise BridgeError(
+            f"DeepSpeed {deepspeed.__version__} ZeRO-3 cannot run non-reentrant gradient checkpointing "
+            "(CheckpointError, DeepSpeed issue 4332), and reentrant checkpointing gives wrong gradients on "
+            "Gemma 4's KV-sharing layers.",
+            fix="upgrade DeepSpeed to a release with PR 8130 (0.19.8 works), or set gradient_checkpointing=False",
+        )
+
+
+def _text_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The Gemma 4 text model, whose forward calls the decoder layers (and so is called, not forwarded)."""
+    inner = getattr(model, "model", None)
+    decoder = getattr(inner, "language_model", None) or inner
+    if decoder is None or not hasattr(decoder, "layers"):
+        raise BridgeError(
+            f"{type(model).__name__} is not a Gemma 4 transformers model (no model.language_model.layers).",
+            fix="pass the model loaded with Gemma4ForConditionalGeneration / Gemma4ForCausalLM.from_pretrained",
+        )
+    return decoder
+
+
+def _unwrap(model: Any) -> torch.nn.Module:
+    """The transformers model under a DeepSpeed engine and/or a PeftModel."""
+    model = getattr(model, "module", model)  # DeepSpeedEngine / DDP
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+# -- LoRA targets -------------------------------------------------------------------------------
+def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
+    """Explicit module paths for a PEFT config's target spec, tower sites replaced by their ``.linear``.
+
+    Matching is PEFT's own (``check_target_module_exists``: suffix lists, regexes, ``exclude_modules``,
+    ``layers_to_transform``), applied to every module; ``"all-linear"`` means every LoRA-able linear
+    of the layout (PEFT's meaning: ``lm_head`` excluded).
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+    base = _unwrap(model)
+    layout = layout_of(base)
+    wrappers = {site.wrapper_path: site.path for site in layout.linears.values() if site.clippable}
+    probe = config
+    if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+        probe = dataclasses.replace(config, target_modules=sorted(layout.linears))
+    targets: set[str] = set()
+    for name, _ in base.named_modules():
+        if not name or not check_target_module_exists(probe, name):
+            continue
+        targets.add(wrappers.get(name, name))
+    if not targets:
+        raise BridgeError(
+            f"target_modules={config.target_modules!r} matches no module of this Gemma 4 model.",
+            fix="name linears as PEFT does, e.g. ['q_proj', 'v_proj'], a regex like '.*language_model.*\\.q_proj', "
+            "or 'all-linear'",
+        )
+    return sorted(targets)
+
+
+def lora_config(model: torch.nn.Module, config: Any) -> Any:
+    """A copy of ``config`` (a ``peft.LoraConfig``) whose targets are explicit, clamp-safe module paths.
+
+    Layer selection (``layers_to_transform``, ``exclude_modules``) is already applied to the list, so
+    it is cleared; ``rank_pattern``/``alpha_pattern`` are expanded per target, matched against the
+    name the user sees (``q_proj`` for a tower's ``q_proj.linear``).
+    """
+    if getattr(config, "target_parameters", None):
+        raise BridgeError(
+            "target_parameters (LoRA on raw parameters) is not supported by gemma4-bridge's canonical adapters.",
+            fix="use target_modules",
+        )
+    targets = resolve_target_modules(model, config)
+    wrapper_of = {site.path: site.wrapper_path for site in layout_of(model).linears.values() if site.clippable}
+    return dataclasses.replace(
+        config,
+        target_modules=targets,
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        rank_pattern=_expand_pattern(config.rank_pattern, targets, wrapper_of),
+        alpha_pattern=_expand_pattern(config.alpha_pattern, targets, wrapper_of),
+    )
+
+
+def _expand_pattern(pattern: Mapping[str, Any] | None, targets: Iterable[str], wrapper_of: Mapping[str, str]) -> dict[str, Any]:
+    from peft.utils.other import get_pattern_key
+
+    if not pattern:
+        return {}
+    expanded = {}
+    for target in targets:
+        for name in (target, wrapper_of.get(target)):
+            if name is None:
+                continue
+            key = get_pattern_key(list(pattern), name)
+            if key in pattern:
+                expanded[target] = pattern[key]
+                break
+    return expanded
+
+
+# -- saving -------------------------------------------------------------------------------------
+def adapter_tensors(model: Any, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's PEFT state dict with real values: ZeRO-3 partitions are gathered (collective)."""
+    from peft import get_peft_model_state_dict
+
+    peft_model = getattr(model, "module", model)
+    params = [p for n, p in peft_model.named_parameters() if adapter_name in n and hasattr(p, "ds_id")]
+    if not params:
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def save_adapter(model: Any, out_dir: str | os.PathLike[str], *, adapter_name: str = "default") -> Path | None:
+    """Write the trained adapter in the canonical layout the converters and plugins use.
+
+    Under ZeRO-3 this gathers the partitioned LoRA weights, so every rank must call it; rank 0
+    writes and returns the path, other ranks return None. Like ``save_pretrained`` it writes
+    ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (created if needed),
+    each file replaced atomically, leaving anything else there (tokenizer, trainer state) alone.
+    """
+    from gemma4_bridge.converters.canonical import canonicalize
+
+    peft_model = getattr(model, "module", model)
+    tensors = adapter_tensors(peft_model, adapter_name)
+    if _rank() != 0:
+        return None
+    layout = layout_of(_unwrap(peft_model))
+    config = _config_dict(peft_model.peft_config[adapter_name])
+    canon_config, canon_tensors, plan = canonicalize((config, tensors), layout)
+    empty = sorted(k for k, v in canon_tensors.items() if v.numel() == 0)
+    if empty:  # canonicalize refuses these; this is the last line of defence before a file exists
+        raise BridgeError(f"adapter tensors {empty[:3]} have no elements.", fix="call save_adapter on every rank")
+    metadata = {
+        **plan.metadata(),
+        "source": "gemma4_bridge.train",
+        "tool": f"gemma4-bridge {__version__}",
+        "trained_with": _stack_versions(),
+    }
+    out = Path(out_dir)
+    if not out.is_dir():
+        with atomic_output_dir(out) as tmp:
+            write_adapter(tmp, canon_config, canon_tensors, metadata)
+        return out
+    with tempfile.TemporaryDirectory(prefix=".gemma4-bridge-", dir=out) as tmp:
+        write_adapter(Path(tmp), canon_config, canon_tensors, metadata)
+        for name in (SAFETENSORS_NAME, CONFIG_NAME):
+            os.replace(Path(tmp) / name, out / name)
+    return out
+
+
+def _config_dict(peft_config: Any) -> dict[str, Any]:
+    """The adapter_config.json PEFT would write (inference_mode on, sets as sorted lists)."""
+    config = dataclasses.replace(peft_config, inference_mode=True).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def _stack_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"transformers": transformers.__version__, "peft": peft.__version__, "torch": torch.__version__}
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+# -- data ---------------------------------------------------------------------------------------
+def multimodal_collator(processor: Any, *, max_length: int | None = None) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """A collator for SFT on text + image + audio rows: ``{"text": str, "images": [...], "audio": [...]}``.
+
+    The text carries the processor's ``image_token`` / ``audio_token`` once per item; the processor
+    expands them. Labels are the input ids with padding and the multimodal soft tokens masked.
+    Use with ``SFTConfig(dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)``.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    masked = {tokenizer.pad_token_id}
+    for attr in ("image_token", "audio_token", "boi_token", "eoi_token", "boa_token", "eoa_token"):
+        token = getattr(processor, attr, None)
+        if token is not None:
+            masked.add(tokenizer.convert_tokens_to_ids(token))
+
+    def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"text": [row["text"] for row in rows], "return_tensors": "pt", "padding": True}
+        if any(row.get("images") for row in rows):
+            kwargs["images"] = [row.get("images") or [] for row in rows]
+        if any(row.get("audio") for row in rows):
+            kwargs["audio"] = [np.asarray(clip, dtype=np.float32) for row in rows for clip in row.get("audio") or []]
+        if max_length is not None:
+            kwargs.update(truncation=True, max_length=max_length)
+        batch = dict(processor(**kwargs))
+        labels = batch["input_ids"].clone()
+        labels[torch.isin(labels, torch.tensor(sorted(masked)))] = -100
+        batch["labels"] = labels
+        return batch
+
+    return collate
+
+
+# -- TRL ----------------------------------------------------------------------------------------
+def _make_trainer_class() -> type:
+    from trl import SFTTrainer
+
+    class Gemma4SFTTrainer(SFTTrainer):
+        """``trl.SFTTrainer`` for Gemma 4: prepared model, clamp-safe targets, canonical gathered adapters.
+
+        Same arguments as ``SFTTrainer``. Saving (checkpoints, ``save_model`` and the PEFT model's
+        ``save_pretrained``) writes the canonical adapter with gathered ZeRO-3 values.
+        """
+
+        def __init__(self, model: Any, *args: Any, peft_config: Any = None, **kwargs: Any) -> None:
+            if isinstance(model, str | os.PathLike):
+                raise BridgeError(
+                    "Gemma4SFTTrainer needs the loaded model, not a name.",
+                    fix="load it first: Gemma4ForConditionalGeneration.from_pretrained(path, dtype=...)",
+                )
+            prepare_model(model)
+            if peft_config is not None:
+                peft_config = lora_config(model, peft_config)
+            super().__init__(model, *args, peft_config=peft_config, **kwargs)
+            if hasattr(self.model, "peft_config"):
+                self.model.save_pretrained = _guarded_save_pretrained(self.model)
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            super().save_model(output_dir, _internal_call=_internal_call)
+            if hasattr(self.model, "peft_config"):
+                save_adapter(self.model, output_dir or self.args.output_dir)
+
+    return Gemma4SFTTrainer
+
+
+def _guarded_save_pretrained(peft_model: Any) -> Callable[..., None]:
+    """``save_pretrained`` for the trained PEFT model: canonical output, never ``[0]``-shaped tensors.
+
+    The trainer's own call passes a gathered ``state_dict`` and keeps PEFT's behaviour (``save_model``
+    then rewrites the files canonically). A bare call under ZeRO-3 is refused rather than gathered:
+    it is usually made on rank 0 only, where a gather would hang.
+    """
+    original = peft_model.save_pretrained
+
+    def save_pretrained(save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        if "state_dict" in kwargs:
+            original(save_directory, **kwargs)
+        elif any(hasattr(p, "ds_id") for p in peft_model.parameters()):
+            raise BridgeError(
+                f"model.save_pretrained({str(save_directory)!r}) under DeepSpeed ZeRO-3 would write zero-element "
+                "tensors (each rank holds only a partition).",
+                fix="call trainer.save_model(dir) or gemma4_bridge.train.save_adapter(model, dir) on every rank",
+            )
+        else:
+            save_adapter(peft_model, save_directory)
+
+    return save_pretrained
+
+
+def __getattr__(name: str) -> Any:
+    # Gemma4SFTTrainer subclasses trl.SFTTrainer; build it on first use so plain-PEFT users need no TRL.
+    if name == "Gemma4SFTTrainer":
+        cls = _make_trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
