@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,11 @@ def progress_bar(total: int, desc: str, unit: str = "tensor") -> Any:
     """tqdm on a terminal, silent when stderr is piped or captured."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
+    # A pty that reports a 0x0 size (ssh without a size, `script`) would make tqdm print nothing.
+    size = shutil.get_terminal_size((80, 20))
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False, ncols=size.columns, nrows=size.lines
+    )
 
 
 def refuse_overwriting_input(inputs: list[Path], out: Path) -> None:
