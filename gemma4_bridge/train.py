@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import tempfile
 import warnings
@@ -42,7 +41,6 @@ from gemma4_bridge.adapter_io import CONFIG_NAME, SAFETENSORS_NAME, atomic_outpu
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout
 
-logger = logging.getLogger(__name__)
 
 _LAYOUT_ATTR = "_gemma4_bridge_layout"
 _GUARD_ATTR = "_gemma4_bridge_checkpoint_guard"
@@ -146,7 +144,6 @@ class _KVSharingCheckpointGuard:
                 "ones are wrong. gemma4-bridge switched checkpointing to use_reentrant=False (exact)."
             )
             warnings.warn(message, KVSharingCheckpointWarning, stacklevel=2)
-            logger.warning(message)
         return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
 
 
