@@ -25,7 +25,7 @@ from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, LinearSite
 from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_key, parse_key, resolve_key
 
-from .safetensors_stream import CODE_TO_DTYPE
+from .safetensors_stream import CODE_TO_DTYPE, SafetensorsReader
 
 if TYPE_CHECKING:
     from .zero3 import Zero3Checkpoint
@@ -99,22 +99,12 @@ class TensorSource:
                     fix="save LoRA weights in float32, bfloat16 or float16",
                 )
             specs[key] = (tuple(info["shape"]), CODE_TO_DTYPE[info["dtype"]])
-        handle: list[Any] = []
+        reader = SafetensorsReader(adapter.weights, header)
 
         def get(key: str) -> Any:
-            if not handle:
-                from safetensors import safe_open
-
-                try:
-                    handle.append(safe_open(str(adapter.weights), framework="pt"))
-                except Exception as exc:
-                    raise BridgeError(
-                        f"{adapter.weights}: could not open ({exc}).",
-                        fix="the file is truncated or corrupt; copy it again from where it was trained",
-                    ) from exc
             try:
-                return handle[0].get_tensor(key)
-            except Exception as exc:
+                return reader.get(key)
+            except (OSError, ValueError, KeyError) as exc:
                 raise BridgeError(
                     f"{adapter.weights}: could not read tensor {key} ({exc}).",
                     fix="the file is truncated or corrupt; copy it again from where it was trained",

@@ -22,7 +22,7 @@ from gemma4_bridge.layout import Gemma4Layout, read_safetensors_header
 
 from .canonical import CanonicalPlan, ModuleDelta, plan
 from .convert import progress_bar, refuse_overwriting_input
-from .safetensors_stream import CODE_TO_DTYPE, TensorSpec, write_streaming
+from .safetensors_stream import SafetensorsReader, TensorSpec, write_streaming
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -82,29 +82,22 @@ def merge_adapter(
 
 
 def _merge_shard(shard: Path, header: dict[str, Any], out: Path, deltas: dict[str, ModuleDelta], p: CanonicalPlan, bar: Any) -> int:
-    from safetensors import safe_open
-
-    specs = [
-        TensorSpec(name, tuple(info["shape"]), CODE_TO_DTYPE[info["dtype"]])
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__" else -1)
-        if name != "__metadata__"
-    ]
+    reader = SafetensorsReader(shard, header)
     count = 0
-    with safe_open(str(shard), framework="pt") as f:
 
-        def produce(spec: TensorSpec) -> Any:
-            nonlocal count
-            tensor = f.get_tensor(spec.name)
-            delta = deltas.get(spec.name)
-            if delta is None:
-                return tensor
-            a, b = p.load(delta.a).float(), p.load(delta.b).float()
-            count += 1
-            return (tensor.float() + delta.scaling * (b @ a)).to(tensor.dtype)
+    def produce(spec: TensorSpec) -> Any:
+        nonlocal count
+        tensor = reader.get(spec.name)
+        delta = deltas.get(spec.name)
+        if delta is None:
+            return tensor
+        a, b = p.load(delta.a).float(), p.load(delta.b).float()
+        count += 1
+        return (tensor.float() + delta.scaling * (b @ a)).to(tensor.dtype)
 
-        metadata = dict(header.get("__metadata__") or {"format": "pt"})
-        metadata["gemma4_bridge_merge"] = json.dumps({"adapter": p.source, "merged_tensors": sorted(n for n in deltas if n in header)})
-        write_streaming(out, specs, produce, metadata, lambda _: bar.update(1))
+    metadata = dict(header.get("__metadata__") or {"format": "pt"})
+    metadata["gemma4_bridge_merge"] = json.dumps({"adapter": p.source, "merged_tensors": sorted(n for n in deltas if n in header)})
+    write_streaming(out, reader.specs(), produce, metadata, lambda _: bar.update(1))
     return count
 
 

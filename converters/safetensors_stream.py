@@ -83,3 +83,40 @@ def _u8() -> Any:
     import torch
 
     return torch.uint8
+
+
+class SafetensorsReader:
+    """Read single tensors from a safetensors file with plain ``pread`` calls, not mmap.
+
+    Why not ``safe_open``: its tensors are backed by a memory map, and every page touched stays in
+    the process's resident set until the map is closed, so streaming a 1 GB file ends with 1 GB
+    RSS. Reading into a fresh buffer keeps the peak at one tensor.
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        self.header = header
+        with path.open("rb") as f:
+            self.data_start = 8 + int.from_bytes(f.read(8), "little")
+
+    def specs(self) -> list[TensorSpec]:
+        """Tensors in file order."""
+        items = sorted(((k, v) for k, v in self.header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        return [TensorSpec(k, tuple(v["shape"]), CODE_TO_DTYPE[v["dtype"]]) for k, v in items]
+
+    def get(self, name: str) -> Any:
+        import torch
+
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(tuple(info["shape"]), dtype=getattr(torch, CODE_TO_DTYPE[info["dtype"]]))
+        if end > start:
+            buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            if len(buf) != end - start:
+                raise ValueError(f"{name}: header says {end - start} bytes for shape {info['shape']} {info['dtype']}")
+            with self.path.open("rb", buffering=0) as f:
+                f.seek(self.data_start + start)
+                got = f.readinto(buf)
+            if got != end - start:
+                raise ValueError(f"{name}: read {got} of {end - start} bytes (file truncated?)")
+        return tensor

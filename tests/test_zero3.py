@@ -79,8 +79,9 @@ def test_deepspeed_zero_to_fp32_agrees(zero3_run) -> None:
     ckpt = Zero3Checkpoint.open(locate_checkpoint(zero3_run.damaged_adapter, None))
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(zero3_run.checkpoint_dir))
     assert ckpt.world_size == 2 and ckpt.param_shapes
-    for name in ckpt.param_shapes:
-        assert torch.equal(ckpt.recover(name), theirs[name]), name
+    for _ in range(2):  # twice: pages released after the first read must read back the same
+        for name in ckpt.param_shapes:
+            assert torch.equal(ckpt.recover(name), theirs[name]), name
 
 
 def test_checkpoint_elsewhere_needs_flag(capsys, zero3_run, tiny_dir, tmp_path) -> None:
