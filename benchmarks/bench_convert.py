@@ -1,0 +1,63 @@
+"""convert throughput vs a plain copy of the same bytes, and convert's peak RSS, side by side.
+
+Goals (issue 3): convert time <= 1.2x the copy time; peak RSS < 2x the largest tensor + 200 MB.
+Adapter: rank-64 all-linear over an E4B-shaped layout (~0.8 GB fp32), hand-saved '.default.'
+names, so convert renames every tensor, checks every value (NaN/Inf) and rewrites the file.
+Each contender runs in a fresh process; rounds alternate so both see the same page-cache state.
+
+    .venv/bin/python benchmarks/bench_convert.py [--rounds 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _converter_bench import largest_tensor_bytes, mb, measure, write_sparse_base, write_synthetic_adapter  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
+    base = write_sparse_base(work / "base")
+    adapter = work / "adapter"
+    size = write_synthetic_adapter(base, adapter, r=64) if not adapter.exists() else (adapter / "adapter_model.safetensors").stat().st_size
+    largest = largest_tensor_bytes(adapter / "adapter_model.safetensors")
+    print(f"adapter: rank 64 all-linear, E4B-shaped, {mb(size)} fp32; largest tensor {mb(largest)}")
+    src = adapter / "adapter_model.safetensors"
+    copy_t, conv_t, conv_rss = [], [], []
+    for i in range(args.rounds):
+        for path in (work / "copy.safetensors", work / "out"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        c = measure("import shutil, torch", f"shutil.copyfile({str(src)!r}, {str(work / 'copy.safetensors')!r})")
+        v = measure(
+            "import torch, safetensors\nfrom gemma4_bridge.converters import convert_adapter",
+            f"convert_adapter({str(adapter)!r}, {str(work / 'out')!r}, base={str(base)!r})",
+        )
+        copy_t.append(c["seconds"])
+        conv_t.append(v["seconds"])
+        conv_rss.append(v)
+        print(f"round {i + 1}: copy {c['seconds']:.2f} s, convert {v['seconds']:.2f} s (ratio {v['seconds'] / c['seconds']:.2f}x)")
+    best_copy, best_conv = min(copy_t), min(conv_t)
+    peak = max(r["peak_rss"] for r in conv_rss)
+    growth = max(r["peak_rss"] - r["base_rss"] for r in conv_rss)
+    budget = 2 * largest + 200 * 2**20
+    print(f"time ratio convert/copy (best of {args.rounds}): {best_conv / best_copy:.2f}x  (goal <= 1.2x)  "
+          f"[{best_conv:.2f} s vs {best_copy:.2f} s, {size / best_conv / 2**20:,.0f} MB/s]")  # fmt: skip
+    print(f"peak RSS of convert: {mb(peak)} absolute, {mb(growth)} above the post-import baseline "
+          f"({mb(conv_rss[0]['base_rss'])}: Python + torch); goal < 2x largest tensor + 200 MB = {mb(budget)}: "
+          f"{'met' if growth < budget else 'NOT met'} (growth), {'met' if peak < budget else 'not met'} (absolute)")  # fmt: skip
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
