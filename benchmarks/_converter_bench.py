@@ -141,17 +141,19 @@ def largest_tensor_bytes(path: Path) -> int:
 
 
 _RUNNER = """
-import json, os, resource, sys, time
-def rss_now():
+import json, os, sys, time
+def status(field):  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+def rss_now():
+    return status("VmRSS")
 {imports}
 base_rss = rss_now()
 t0 = time.perf_counter()
 {work}
 elapsed = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print("@@RESULT@@" + json.dumps({{"seconds": elapsed, "peak_rss": peak, "base_rss": base_rss}}))
 """
 

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def write_streaming(
                 on_written(spec)
 
 
+@cache
 def _u8() -> Any:
     import torch
 

@@ -166,7 +166,8 @@ class Zero3Checkpoint:
         chunk = math.ceil(numel / self.world_size)
         start = self.offsets[name]
         pieces = [_slice_groups(groups, start, chunk) for groups in self.flat]
-        out = torch.cat(pieces)[:numel].view(shape).clone()
+        out = torch.cat(pieces)  # a fresh tensor: nothing below still points into the mapping
+        out = out[:numel].view(shape) if out.numel() == numel else out[:numel].clone().view(shape)
         for piece in pieces:
             _release_mapped_pages(piece)
         return out
