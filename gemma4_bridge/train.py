@@ -113,12 +113,15 @@ class _KVSharingCheckpointGuard:
     def __init__(self, layout: Gemma4Layout) -> None:
         self.layout = layout
         self.warned = False
+        self.checkpointable: list[torch.nn.Module] | None = None
 
     def __call__(self, decoder: torch.nn.Module, args: Any) -> None:
         if not decoder.training:
             return
-        for module in decoder.modules():
-            if not getattr(module, "gradient_checkpointing", False):
+        if self.checkpointable is None:  # the module tree is fixed once PEFT has wrapped it
+            self.checkpointable = [m for m in decoder.modules() if hasattr(m, "gradient_checkpointing")]
+        for module in self.checkpointable:
+            if not module.gradient_checkpointing:
                 continue
             func = getattr(module, "_gradient_checkpointing_func", None)
             if func is None or not _is_reentrant(func):
