@@ -1,0 +1,70 @@
+"""SGLang's Gemma 4 multimodal model with LoRA that serves what transformers + PEFT compute.
+
+Same name as the built-in class (SGLang matches processors and server checks by that name);
+everything but LoRA sizing and adapter loading is inherited unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from gemma4_bridge import __version__
+from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.layout import Gemma4Layout
+
+from . import hooks
+from .dims import lora_dims
+from .upstream import require_supported_sglang
+
+require_supported_sglang()
+
+from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration as _BuiltinGemma4  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class Gemma4ForConditionalGeneration(_BuiltinGemma4):
+    """Built-in SGLang Gemma 4 plus per-layer LoRA sizes and normalised adapter loading."""
+
+    gemma4_bridge_version = __version__
+
+    def __init__(self, config: Any, quant_config: Any = None, prefix: str = "") -> None:
+        super().__init__(config, quant_config=quant_config, prefix=prefix)
+        hooks.install_lora_hooks()
+        logger.info(
+            "gemma4-bridge %s: Gemma 4 SGLang class active (per-layer LoRA sizes, adapters normalised "
+            "on load: regex targets, KV-shared/k_eq_v layers, rsLoRA/patterns; tower LoRA refused)",
+            __version__,
+        )
+
+    @cached_property
+    def gemma4_layout(self) -> Gemma4Layout:
+        """The checkpoint's structure, from its config.json and safetensors headers."""
+        return Gemma4Layout.from_model_dir(model_dir_of(self.config))
+
+    def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
+        """(input, output) size of LoRA module ``module_name`` on ``layer_idx``, from the real weights."""
+        return lora_dims(self.gemma4_layout, module_name, layer_idx)
+
+
+def model_dir_of(config: Any) -> Path:
+    """The local directory the model was loaded from (``config.name_or_path``, or its hub cache)."""
+    name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""))
+    if name and (Path(name) / "config.json").is_file():
+        return Path(name)
+    if name:
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
+        except Exception as exc:  # not a hub id, or not downloaded
+            reason = f"{type(exc).__name__}: {exc}"
+    else:
+        reason = "the config has no name_or_path"
+    raise BridgeError(
+        f"gemma4-bridge could not find the Gemma 4 checkpoint SGLang loaded ({name or '?'}): {reason}.",
+        fix="pass --model-path a local model directory, or download the model first (huggingface-cli download)",
+    )
