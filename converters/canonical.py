@@ -76,10 +76,17 @@ class ModuleDelta:
 class TensorSource:
     """Read-only access to the source adapter's tensors: shapes first, values one at a time."""
 
-    def __init__(self, label: str, specs: Mapping[str, tuple[tuple[int, ...], str]], getter: Callable[[str], Any]):
+    def __init__(
+        self,
+        label: str,
+        specs: Mapping[str, tuple[tuple[int, ...], str]],
+        getter: Callable[..., Any],
+        reader: SafetensorsReader | None = None,
+    ):
         self.label = label
         self.specs = dict(specs)  # key -> (shape, torch dtype name)
         self._get = getter
+        self.reader = reader  # set for safetensors files: reads can go into a reused buffer
 
     @classmethod
     def from_adapter_dir(cls, adapter: AdapterDir) -> TensorSource:
@@ -101,24 +108,24 @@ class TensorSource:
             specs[key] = (tuple(info["shape"]), CODE_TO_DTYPE[info["dtype"]])
         reader = SafetensorsReader(adapter.weights, header)
 
-        def get(key: str) -> Any:
+        def get(key: str, scratch: Any = None) -> Any:
             try:
-                return reader.get(key)
+                return reader.get(key, scratch)
             except (OSError, ValueError, KeyError) as exc:
                 raise BridgeError(
                     f"{adapter.weights}: could not read tensor {key} ({exc}).",
                     fix="the file is truncated or corrupt; copy it again from where it was trained",
                 ) from exc
 
-        return cls(str(adapter.weights), specs, get)
+        return cls(str(adapter.weights), specs, get, reader)
 
     @classmethod
     def from_tensors(cls, label: str, tensors: Mapping[str, Any]) -> TensorSource:
         specs = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
         return cls(label, specs, tensors.__getitem__)
 
-    def get(self, key: str) -> Any:
-        return self._get(key)
+    def get(self, key: str, scratch: Any = None) -> Any:
+        return self._get(key, scratch) if self.reader is not None else self._get(key)
 
 
 @dataclass
@@ -158,15 +165,18 @@ class CanonicalPlan:
                 raise BridgeError(f"{first.message} ({more} more problem(s): run 'gemma4-bridge inspect').", fix=first.fix or None)
             raise first.as_error()
 
-    def load(self, entry: PlannedTensor) -> Any:
-        """The values of one canonical tensor: read (mmap) or recovered, cast, checked finite."""
+    def load(self, entry: PlannedTensor, scratch: Any = None) -> Any:
+        """The values of one canonical tensor: read or recovered, cast, checked finite.
+
+        With ``scratch`` (a uint8 tensor) a file-backed source tensor is read into it, no allocation.
+        """
         import torch
 
         if entry.from_zero3:
             assert self.zero3 is not None
             tensor = self.zero3.recover(self.zero3_names[entry.key])
         else:
-            tensor = self._source.get(entry.source_key)
+            tensor = self._source.get(entry.source_key, scratch)
         tensor = tensor.to(getattr(torch, entry.dtype))
         # A sum is finite iff every value is (NaN/Inf propagate); only an overflowing sum of
         # huge finite values needs the exact, 20x slower element-wise check.

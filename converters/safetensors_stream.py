@@ -106,12 +106,17 @@ class SafetensorsReader:
         items = sorted(((k, v) for k, v in self.header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
         return [TensorSpec(k, tuple(v["shape"]), CODE_TO_DTYPE[v["dtype"]]) for k, v in items]
 
-    def get(self, name: str) -> Any:
+    def get(self, name: str, scratch: Any = None) -> Any:
+        """A new tensor, or a view into ``scratch`` (a large enough uint8 tensor) valid until its next use."""
         import torch
 
         info = self.header[name]
         start, end = info["data_offsets"]
-        tensor = torch.empty(tuple(info["shape"]), dtype=getattr(torch, CODE_TO_DTYPE[info["dtype"]]))
+        dtype = getattr(torch, CODE_TO_DTYPE[info["dtype"]])
+        if scratch is not None:
+            tensor = scratch[: end - start].view(dtype).view(tuple(info["shape"]))
+        else:
+            tensor = torch.empty(tuple(info["shape"]), dtype=dtype)
         if end > start:
             buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             if len(buf) != end - start:
