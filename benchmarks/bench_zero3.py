@@ -27,7 +27,6 @@ PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's default stage3_param_persistence_
 
 
 def build(work: Path, world_size: int) -> tuple[Path, Path]:
-    import torch
     from safetensors.torch import load_file, save_file
 
     from gemma4_bridge.zero3_job import write_synthetic_zero3_checkpoint
@@ -43,8 +42,6 @@ def build(work: Path, world_size: int) -> tuple[Path, Path]:
     save_file(damaged, run / "adapter_model.safetensors")
     config = json.loads((work / "trained" / "adapter_config.json").read_text())
     (run / "adapter_config.json").write_text(json.dumps(config))
-    del params, damaged
-    _ = torch
     return base, run
 
 

@@ -23,7 +23,7 @@ from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, LinearSite
-from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_key, parse_key, resolve_key
+from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, parse_key, resolve_key
 
 from .safetensors_stream import CODE_TO_DTYPE, SafetensorsReader
 
@@ -278,6 +278,10 @@ def lora_scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
     return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
 
 
+def canonical_key_for(module_path: str, part: str, kind: str = "weight") -> str:
+    return f"{PEFT_PREFIX}{module_path}.{part}.{kind}"
+
+
 def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
@@ -303,6 +307,7 @@ class _Planner:
         self.problems: list[Problem] = []
         self.flavours: list[str] = []
         self.dropped: list[tuple[str, str]] = []
+        self.zero3_shapes: dict[str, tuple[int, ...]] = {}  # canonical key -> true shape in the checkpoint
 
     def problem(self, code: str, severity: Severity, message: str, fix: str = "", tensors: tuple[str, ...] = ()) -> None:
         self.problems.append(Problem(code, severity, message, fix, tensors))
@@ -399,14 +404,8 @@ class _Planner:
                 self.flavour("adapter-name-in-keys")
             if not parsed.had_peft_prefix:
                 self.flavour("no-peft-prefix")
-            if self.layout is None:
-                from gemma4_bridge.names import canonical_module_path
-
-                path, variant = canonical_module_path(parsed.module)
-                res = Resolution(parsed, None, f"{PEFT_PREFIX}{path}.{parsed.part}.{parsed.kind}", variant, False, None)
-            else:
-                res = resolve_key(key, self.layout)
-                assert res is not None
+            res = self._resolve(key)
+            assert res is not None
             if res.variant not in ("transformers", "unknown"):
                 self.flavour(f"{res.variant}-naming")
             if res.added_linear:
@@ -425,6 +424,16 @@ class _Planner:
             seen[res.canonical_key] = key
             out.append((res, shape, dtype))
         return out
+
+    def _resolve(self, key: str) -> Resolution | None:
+        """resolve_key against the base; without a base, the naming table alone (no site, no ``.linear``)."""
+        if self.layout is not None:
+            return resolve_key(key, self.layout)
+        parsed = parse_key(key)
+        if parsed is None:
+            return None
+        path, variant = canonical_module_path(parsed.module)
+        return Resolution(parsed, None, canonical_key_for(path, parsed.part, parsed.kind), variant, False, None)
 
     def _unresolved(self, res: Resolution) -> None:
         key = res.parsed.key
@@ -477,14 +486,8 @@ class _Planner:
         names: dict[str, str] = {}
         by_canonical: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, shape in zero3.param_shapes.items():
-            res = resolve_key(name, self.layout) if self.layout is not None else None
-            ckey = res.canonical_key if res is not None and res.canonical_key else None
-            if ckey is None and self.layout is None:
-                parsed = parse_key(name)
-                if parsed is not None:
-                    from gemma4_bridge.names import canonical_module_path
-
-                    ckey = f"{PEFT_PREFIX}{canonical_module_path(parsed.module)[0]}.{parsed.part}.{parsed.kind}"
+            res = self._resolve(name)
+            ckey = res.canonical_key if res is not None else None
             if ckey:
                 by_canonical[ckey] = (name, shape)
         missing = [r.parsed.key for r, shape, _ in resolved if 0 in shape and r.canonical_key not in by_canonical]
@@ -536,7 +539,7 @@ class _Planner:
         for res, shape, dtype in resolved:
             from_zero3 = 0 in shape and res.canonical_key in zero3_names
             if from_zero3:
-                shape = tuple(getattr(self, "zero3_shapes", {})[res.canonical_key])
+                shape = tuple(self.zero3_shapes[res.canonical_key])
             module = res.canonical_key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0]  # type: ignore[union-attr]
             if 0 in shape and not from_zero3:
                 unrecoverable.add(module)  # reported as broken already

@@ -62,11 +62,16 @@ def inspect_adapter(
     p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)
     problems = list(p.problems)
     if scan_values:
-        for entry in p.tensors:
-            try:
-                p.load(entry)
-            except BridgeError as err:
-                problems.append(Problem("non-finite" if "NaN" in err.message else "unreadable", "broken", err.message, err.fix or "", (entry.source_key,)))
+        from .convert import progress_bar
+
+        with progress_bar(len(p.tensors), "inspect") as bar:
+            for entry in p.tensors:
+                try:
+                    p.load(entry)
+                except BridgeError as err:
+                    code = "non-finite" if "NaN" in err.message else "unreadable"
+                    problems.append(Problem(code, "broken", err.message, err.fix or "", (entry.source_key,)))
+                bar.update(1)
     if layout is None:
         problems.append(
             Problem("no-base", "note", "no base model: shapes, KV-shared layers and tower '.linear' placement were not checked.",
