@@ -14,6 +14,7 @@ The LoRA kernels are never called here except SGLang's ``torch_native`` backend,
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 from collections.abc import Iterator
@@ -23,18 +24,46 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sglang = pytest.importorskip("sglang", reason="tests/sglang run in .venv-sglang (scripts/test does that)")
+try:
+    import sglang.srt  # noqa: F401  (plain `sglang` would also find this directory, a namespace package)
+except ImportError:  # the main venv: scripts/test runs this directory in .venv-sglang instead
+    collect_ignore_glob = ["*.py"]
 
 import torch  # noqa: E402
 
 from gemma4_bridge.fixtures import build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
-from sglang_helpers import MAX_LORA_RANK, TEXT_TARGETS, build_sglang_model  # noqa: E402
+from convert_helpers import default_adapter_name, write_variant  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from sglang_helpers import (  # noqa: E402
+    _EXTERNAL_KEY,
+    EXTERNAL_ROUTE_TEST,
+    MAX_LORA_RANK,
+    TEXT_TARGETS,
+    build_sglang_model,
+    external_route_process,
+    lora_manager,
+)
+
+LM = "base_model.model.model.language_model."
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # SGLang's CUDA-side dependencies warn about deprecations on import; not ours to act on.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore::UserWarning")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The fallback-route check needs a fresh interpreter (~40 s of imports): start it now, in parallel.
+    if any(EXTERNAL_ROUTE_TEST in item.nodeid for item in session.items):
+        external_route_process(session.config)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    proc = session.config.stash.get(_EXTERNAL_KEY, None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()  # e.g. -x stopped the run before the test that reads it
+        proc.communicate()
 
 
 @pytest.fixture(scope="session")
@@ -111,3 +140,64 @@ def sg_model(sglang_cpu: Any) -> tuple[Any, Any]:
 
     return build_sglang_model(sglang_cpu, load_entry_class())
 
+
+def _kv_extras(src: Path) -> dict[str, torch.Tensor]:
+    """k/v LoRA on KV-shared layers 3-4 (8 tensors), as training on transformers 5.5.0/5.5.1 saved it."""
+    a = load_file(src / "adapter_model.safetensors")[f"{LM}layers.0.self_attn.k_proj.lora_A.weight"]
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for layer, width in ((3, 32), (4, 64)):
+        for leaf in ("k_proj", "v_proj"):
+            out[f"{LM}layers.{layer}.self_attn.{leaf}.lora_A.weight"] = torch.randn(a.shape, generator=g)
+            out[f"{LM}layers.{layer}.self_attn.{leaf}.lora_B.weight"] = torch.randn(width, a.shape[0], generator=g)
+    return out
+
+
+@pytest.fixture(scope="session")
+def flavours(sg_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """{name: (adapter dir, the PEFT adapter whose deltas it must serve)}."""
+    root, text = tmp_path_factory.mktemp("flavours"), sg_adapters["text"]
+    return {
+        "regex_targets": (text, text),
+        "peft_default_qv": (sg_adapters["qv"], sg_adapters["qv"]),
+        "rslora_patterns": (sg_adapters["rslora_patterns"], sg_adapters["rslora_patterns"]),
+        "default_in_keys": (write_variant(text, root / "default", rename=default_adapter_name), text),
+        "vllm_names": (write_variant(text, root / "vllm", rename=lambda k: k.replace(LM, "base_model.model.language_model.model.")), text),
+        "causal_lm_names": (write_variant(text, root / "causal", rename=lambda k: k.replace(LM, "base_model.model.model.")), text),
+        "kv_shared_extras": (write_variant(text, root / "kv_extras", extra=_kv_extras(text)), text),
+    }
+
+
+@pytest.fixture(scope="session")
+def served(sg_model: tuple[Any, Any], sglang_cpu: Any, flavours: dict, caplog_module: list) -> dict[str, Any]:
+    """Half the flavours at start (--lora-paths), half loaded afterwards (POST /load_lora_adapter)."""
+    from sglang.srt.lora.lora_registry import LoRARef
+
+    model, model_config = sg_model
+    names = list(flavours)
+    at_start = {name: flavours[name][0] for name in names[::2]}
+    manager, refs = lora_manager(model, model_config, sglang_cpu, at_start, max_loras_per_batch=len(names) + 2)
+    for name in names[1::2]:
+        refs[name] = LoRARef(lora_name=name, lora_path=str(flavours[name][0]), pinned=False)
+        result = manager.load_lora_adapter(refs[name])
+        assert result.success, result.error_message
+    manager.fetch_new_loras({ref.lora_id for ref in refs.values()})
+    return {"manager": manager, "refs": refs, "model": model}
+
+
+@pytest.fixture(scope="session")
+def caplog_module() -> Iterator[list[logging.LogRecord]]:
+    """Records gemma4-bridge's log lines for the whole module (the served fixture's loads)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, log = Keep(level=logging.INFO), logging.getLogger("gemma4_bridge")
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(old_level)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -52,3 +56,56 @@ def lora_manager(
         lora_paths=refs,
     )
     return manager, {ref.lora_name: ref for ref in refs}
+
+
+# SGLANG_EXTERNAL_MODEL_PACKAGE is read when SGLang's registry is first imported: a fresh interpreter.
+_EXTERNAL_KEY = pytest.StashKey[subprocess.Popen]()
+EXTERNAL_ROUTE = r"""
+import json, logging, sys
+logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+from sglang.srt.plugins import load_plugins
+load_plugins()  # our entry point is excluded by SGLANG_PLUGINS: only the env var route is left
+from sglang.srt.models.registry import ModelRegistry, import_model_classes
+
+def describe(cls):
+    from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration as Builtin
+    out = {"module": cls.__module__, "name": cls.__name__, "subclass_of_builtin": issubclass(cls, Builtin)}
+    if not out["subclass_of_builtin"]:
+        try:
+            cls(None)
+        except Exception as exc:
+            out["construct_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+report = {"ok": describe(ModelRegistry.resolve_model_cls(["Gemma4ForConditionalGeneration"])[0])}
+# A broken install: an import error inside the package, then SGLang's own registry scan again.
+import gemma4_bridge.plugins.sglang as pkg
+pkg._entry_class = None
+for name in ("gemma4_bridge.plugins.sglang.model", "gemma4_bridge.plugins.sglang.gemma4_mm"):
+    sys.modules.pop(name, None)
+sys.modules["gemma4_bridge.plugins.sglang.model"] = None
+ModelRegistry.models.update(import_model_classes.__wrapped__("gemma4_bridge.plugins.sglang"))
+report["broken"] = describe(ModelRegistry.resolve_model_cls(["Gemma4ForConditionalGeneration"])[0])
+print("REPORT" + json.dumps(report))
+"""
+
+
+EXTERNAL_ROUTE_TEST = "test_external_model_package_resolves_our_class"
+
+
+def external_route_process(config: Any) -> subprocess.Popen[str]:
+    """The fallback-route check, started once per session (early, see conftest.py)."""
+    proc = config.stash.get(_EXTERNAL_KEY, None)
+    if proc is None:
+        proc = config.stash[_EXTERNAL_KEY] = _start_external_route()
+    return proc
+
+
+def _start_external_route() -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SGLANG_EXTERNAL_MODEL_PACKAGE": "gemma4_bridge.plugins.sglang",
+        "SGLANG_PLUGINS": "only-a-plugin-that-does-not-exist",
+    }
+    return subprocess.Popen([sys.executable, "-c", EXTERNAL_ROUTE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

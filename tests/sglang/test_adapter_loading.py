@@ -20,76 +20,11 @@ from typing import Any
 
 import pytest
 import torch
-from convert_helpers import default_adapter_name, peft_deltas, write_variant
+from convert_helpers import peft_deltas, write_variant
 from safetensors.torch import load_file
-
-from sglang_helpers import lora_manager
 
 SLICES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"), "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-LM = "base_model.model.model.language_model."
-
-
-def _kv_extras(src: Path) -> dict[str, torch.Tensor]:
-    """k/v LoRA on KV-shared layers 3-4 (8 tensors), as training on transformers 5.5.0/5.5.1 saved it."""
-    a = load_file(src / "adapter_model.safetensors")[f"{LM}layers.0.self_attn.k_proj.lora_A.weight"]
-    g = torch.Generator().manual_seed(7)
-    out = {}
-    for layer, width in ((3, 32), (4, 64)):
-        for leaf in ("k_proj", "v_proj"):
-            out[f"{LM}layers.{layer}.self_attn.{leaf}.lora_A.weight"] = torch.randn(a.shape, generator=g)
-            out[f"{LM}layers.{layer}.self_attn.{leaf}.lora_B.weight"] = torch.randn(width, a.shape[0], generator=g)
-    return out
-
-
-@pytest.fixture(scope="module")
-def flavours(sg_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """{name: (adapter dir, the PEFT adapter whose deltas it must serve)}."""
-    root, text = tmp_path_factory.mktemp("flavours"), sg_adapters["text"]
-    return {
-        "regex_targets": (text, text),
-        "peft_default_qv": (sg_adapters["qv"], sg_adapters["qv"]),
-        "rslora_patterns": (sg_adapters["rslora_patterns"], sg_adapters["rslora_patterns"]),
-        "default_in_keys": (write_variant(text, root / "default", rename=default_adapter_name), text),
-        "vllm_names": (write_variant(text, root / "vllm", rename=lambda k: k.replace(LM, "base_model.model.language_model.model.")), text),
-        "causal_lm_names": (write_variant(text, root / "causal", rename=lambda k: k.replace(LM, "base_model.model.model.")), text),
-        "kv_shared_extras": (write_variant(text, root / "kv_extras", extra=_kv_extras(text)), text),
-    }
-
-
-@pytest.fixture(scope="module")
-def served(sg_model: tuple[Any, Any], sglang_cpu: Any, flavours: dict, caplog_module: list) -> dict[str, Any]:
-    """Half the flavours at start (--lora-paths), half loaded afterwards (POST /load_lora_adapter)."""
-    from sglang.srt.lora.lora_registry import LoRARef
-
-    model, model_config = sg_model
-    names = list(flavours)
-    at_start = {name: flavours[name][0] for name in names[::2]}
-    manager, refs = lora_manager(model, model_config, sglang_cpu, at_start, max_loras_per_batch=len(names) + 2)
-    for name in names[1::2]:
-        refs[name] = LoRARef(lora_name=name, lora_path=str(flavours[name][0]), pinned=False)
-        result = manager.load_lora_adapter(refs[name])
-        assert result.success, result.error_message
-    manager.fetch_new_loras({ref.lora_id for ref in refs.values()})
-    return {"manager": manager, "refs": refs, "model": model}
-
-
-@pytest.fixture(scope="module")
-def caplog_module() -> Any:
-    """Records gemma4-bridge's log lines for the whole module (the served fixture's loads)."""
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler, log = Keep(level=logging.INFO), logging.getLogger("gemma4_bridge")
-    old_level = log.level
-    log.setLevel(logging.INFO)
-    log.addHandler(handler)
-    yield records
-    log.removeHandler(handler)
-    log.setLevel(old_level)
 
 
 def buffer_deltas(served: dict[str, Any], name: str) -> dict[tuple[int, str], torch.Tensor]:

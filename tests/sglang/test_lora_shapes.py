@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sglang_helpers import MAX_LORA_RANK, lora_manager
+from sglang_helpers import MAX_LORA_RANK
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,9 @@ def hf_model(sg_model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def pool(sg_model: tuple[Any, Any], sglang_cpu: Any, sg_adapters: dict[str, Path]) -> Any:
-    """The memory pool of a manager started with --lora-paths text=... (all four modules)."""
-    model, model_config = sg_model
-    manager, _ = lora_manager(model, model_config, sglang_cpu, {"text": sg_adapters["text"]})
-    return manager.memory_pool
+def pool(served: dict[str, Any]) -> Any:
+    """The memory pool of SGLang's LoRA manager over our class, adapters loaded (all four modules)."""
+    return served["manager"].memory_pool
 
 
 def _kv_width(attn: Any) -> int:

@@ -3,70 +3,26 @@
 The plugin route runs in this process: SGLang's ``load_plugins()`` (what every SGLang process does)
 then its ``get_model_architecture`` (what the model loader does). The fallback route
 (``SGLANG_EXTERNAL_MODEL_PACKAGE``) is read when SGLang's registry is first imported, so it runs in
-a fresh interpreter, started first so that it overlaps with the in-process tests.
+a fresh interpreter, started as soon as collection ends so that it overlaps with other tests
+(conftest.py, ``pytest_collection_finish``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sglang_helpers import external_route_process
 
 ARCH = "Gemma4ForConditionalGeneration"
 OURS = "gemma4_bridge.plugins.sglang.model"
 BROKEN_MESSAGE = "gemma4-bridge's SGLang Gemma 4 class failed to load"
-
-EXTERNAL_ROUTE = r"""
-import json, logging, sys
-logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-from sglang.srt.plugins import load_plugins
-load_plugins()  # our entry point is excluded by SGLANG_PLUGINS: only the env var route is left
-from sglang.srt.models.registry import ModelRegistry, import_model_classes
-
-def describe(cls):
-    from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration as Builtin
-    out = {"module": cls.__module__, "name": cls.__name__, "subclass_of_builtin": issubclass(cls, Builtin)}
-    if not out["subclass_of_builtin"]:
-        try:
-            cls(None)
-        except Exception as exc:
-            out["construct_error"] = f"{type(exc).__name__}: {exc}"
-    return out
-
-report = {"ok": describe(ModelRegistry.resolve_model_cls(["Gemma4ForConditionalGeneration"])[0])}
-# A broken install: an import error inside the package, then SGLang's own registry scan again.
-import gemma4_bridge.plugins.sglang as pkg
-pkg._entry_class = None
-for name in ("gemma4_bridge.plugins.sglang.model", "gemma4_bridge.plugins.sglang.gemma4_mm"):
-    sys.modules.pop(name, None)
-sys.modules["gemma4_bridge.plugins.sglang.model"] = None
-ModelRegistry.models.update(import_model_classes.__wrapped__("gemma4_bridge.plugins.sglang"))
-report["broken"] = describe(ModelRegistry.resolve_model_cls(["Gemma4ForConditionalGeneration"])[0])
-print("REPORT" + json.dumps(report))
-"""
-
-
-@pytest.fixture(scope="module")
-def external_route() -> Iterator[subprocess.Popen[str]]:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "SGLANG_EXTERNAL_MODEL_PACKAGE": "gemma4_bridge.plugins.sglang",
-        "SGLANG_PLUGINS": "only-a-plugin-that-does-not-exist",
-    }
-    proc = subprocess.Popen([sys.executable, "-c", EXTERNAL_ROUTE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-
 
 def _external_report(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
     out, err = proc.communicate(timeout=300)
@@ -85,7 +41,7 @@ def _resolve_with_sglang() -> type:
 
 
 @pytest.fixture(scope="module")
-def plugins_loaded(external_route: subprocess.Popen[str]) -> None:
+def plugins_loaded() -> None:
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
@@ -128,8 +84,8 @@ def test_plugin_route_import_error_is_visible(plugins_loaded: None, monkeypatch:
         assert _resolve_with_sglang().__module__ == OURS  # restored for the other tests
 
 
-def test_external_model_package_resolves_our_class(external_route: subprocess.Popen[str]) -> None:
-    report, _ = _external_report(external_route)
+def test_external_model_package_resolves_our_class(request: pytest.FixtureRequest) -> None:
+    report, _ = _external_report(external_route_process(request.config))
     assert report["ok"] == {"module": OURS, "name": ARCH, "subclass_of_builtin": True}
     broken = report["broken"]
     assert broken["name"] == ARCH and not broken["subclass_of_builtin"], "fell back to SGLang's built-in class"
