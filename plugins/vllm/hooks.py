@@ -1,0 +1,186 @@
+"""The plugin's hooks into vLLM, each narrow, named, and checked against the upstream signature.
+
+``HOOKS`` lists every upstream callable the plugin wraps with the parameters it relies on;
+:func:`install` refuses to patch if any of them changed (tests/test_vllm_plugin.py runs the same
+check, so an upstream change fails a test instead of silently bypassing the plugin).
+
+* ``LoRAModel.from_local_checkpoint`` (worker): for a Gemma 4 model (recognised by the
+  :class:`~.model.BridgeWeightsMapper` vLLM passes in) the adapter is canonicalised in memory,
+  refused or fixed (:mod:`.adapter`), checked against the LoRA layers vLLM actually built, and
+  handed to vLLM's own ``LoRAModel.from_lora_tensors``. Other models take the original path.
+* ``InputProcessor._validate_lora`` (front end): a request naming a bad adapter is refused
+  there, from safetensors headers only, as a per-request validation error. Without it the adapter
+  would be loaded lazily inside the worker, where any exception kills the whole engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gemma4_bridge.errors import BridgeError
+
+from .adapter import ServingContext, check_adapter, check_modules_wrapped, prepare_adapter, resolve_model_dir
+
+# (module, qualified name, parameters the wrapper passes on or reads)
+HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "lora_from_local_checkpoint": (
+        "vllm.lora.lora_model",
+        "LoRAModel.from_local_checkpoint",
+        ("lora_dir", "expected_lora_modules", "peft_helper", "lora_model_id", "device", "dtype",
+         "model_vocab_size", "weights_mapper", "skip_prefixes", "moe_ep_spec"),
+    ),
+    "lora_from_tensors": (
+        "vllm.lora.lora_model",
+        "LoRAModel.from_lora_tensors",
+        ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper", "skip_prefixes"),
+    ),
+    "frontend_validate_lora": ("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request")),
+    "rename_mapper": ("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",)),
+}
+_ORIGINALS: dict[str, Callable[..., Any]] = {}
+
+
+def upstream(name: str) -> Callable[..., Any]:
+    """The upstream callable behind hook ``name`` (the original, if already wrapped)."""
+    if name in _ORIGINALS:
+        return _ORIGINALS[name]
+    import importlib
+
+    module_name, qualname, _ = HOOKS[name]
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def verify_upstream() -> list[str]:
+    """Differences between the installed vLLM and what the hooks expect (empty when all is well)."""
+    problems = []
+    for name, (module_name, qualname, params) in HOOKS.items():
+        try:
+            found = tuple(inspect.signature(upstream(name)).parameters)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{module_name}.{qualname} is gone ({exc})")
+            continue
+        missing = [p for p in params if p not in found]
+        if missing:
+            problems.append(f"{module_name}.{qualname} lost parameter(s) {missing} (has {list(found)})")
+    return problems
+
+
+def install() -> None:
+    """Wrap the upstream callables once per process; refuse if any of them changed shape."""
+    if _ORIGINALS:
+        return
+    problems = verify_upstream()
+    if problems:
+        raise BridgeError(
+            "gemma4-bridge's vLLM hooks do not fit the installed vLLM: " + "; ".join(problems) + ".",
+            fix="install a vLLM release gemma4-bridge supports (see SUPPORTED_VLLM) or upgrade gemma4-bridge",
+        )
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    _ORIGINALS["lora_from_local_checkpoint"] = LoRAModel.from_local_checkpoint.__func__  # type: ignore[attr-defined]
+    _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
+    LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
+    InputProcessor._validate_lora = _validate_lora  # type: ignore[method-assign]
+
+
+# -- worker side -------------------------------------------------------------------------------
+def _wrapped_modules(model: Any) -> set[str]:
+    """Names of the modules vLLM replaced by LoRA layers (fixed once the LoRA manager exists)."""
+    cached = getattr(model, "_gemma4_bridge_lora_modules", None)
+    if cached is None:
+        from vllm.lora.layers import BaseLayerWithLoRA
+
+        cached = {name for name, mod in model.named_modules() if isinstance(mod, BaseLayerWithLoRA)}
+        model._gemma4_bridge_lora_modules = cached
+    return cached
+
+
+def _from_local_checkpoint(cls: Any, lora_dir: str, expected_lora_modules: set[str], peft_helper: Any, **kwargs: Any) -> Any:
+    mapper = kwargs.get("weights_mapper")
+    serving: ServingContext | None = getattr(mapper, "serving", None)
+    if serving is None:
+        return _ORIGINALS["lora_from_local_checkpoint"](cls, lora_dir, expected_lora_modules, peft_helper, **kwargs)
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import get_lora_id
+
+    prepared = prepare_adapter(lora_dir, serving)
+    model = mapper.model_ref() if mapper.model_ref is not None else None
+    if model is not None:
+        check_modules_wrapped(prepared.plan, _wrapped_modules(model), mapper, model.packed_modules_mapping)
+    helper = PEFTHelper.from_dict({**prepared.config, "vllm_max_position_embeddings": peft_helper.vllm_max_position_embeddings})
+    lora_model_id = kwargs.get("lora_model_id")
+    return cls.from_lora_tensors(
+        lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id,
+        tensors=prepared.tensors,
+        peft_helper=helper,
+        device=kwargs.get("device", "cuda"),
+        dtype=kwargs.get("dtype"),
+        model_vocab_size=kwargs.get("model_vocab_size"),
+        weights_mapper=mapper,
+        skip_prefixes=kwargs.get("skip_prefixes"),
+    )
+
+
+# -- front end ---------------------------------------------------------------------------------
+_CHECKED: dict[tuple[str, int, int], BridgeError | None] = {}
+
+
+def _frontend_context(processor: Any) -> ServingContext | None:
+    ctx = getattr(processor, "_gemma4_bridge_ctx", False)
+    if ctx is not False:
+        return ctx
+    from . import ARCHITECTURES
+
+    model_config = processor.model_config
+    archs = list(getattr(model_config, "architectures", None) or [])
+    ctx = None
+    if processor.lora_config and any(a in ARCHITECTURES for a in archs):
+        model_dir = resolve_model_dir(model_config.model)
+        if model_dir is not None:
+            from gemma4_bridge.layout import Gemma4Layout
+
+            ctx = ServingContext(
+                Gemma4Layout.from_model_dir(model_dir),
+                enable_tower_connector_lora=archs[0] == "Gemma4ForConditionalGeneration"
+                and bool(processor.lora_config.enable_tower_connector_lora),
+                max_lora_rank=processor.lora_config.max_lora_rank,
+            )
+    processor._gemma4_bridge_ctx = ctx
+    return ctx
+
+
+def _stamp(path: str) -> tuple[str, int, int]:
+    root = Path(path)
+    weights = next((root / n for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt") if (root / n).exists()), root)
+    config = root / "adapter_config.json"
+    mtime = lambda p: p.stat().st_mtime_ns if p.exists() else 0  # noqa: E731
+    return (os.path.abspath(path), mtime(weights), mtime(config))
+
+
+def _validate_lora(self: Any, lora_request: Any) -> None:
+    _ORIGINALS["frontend_validate_lora"](self, lora_request)
+    if lora_request is None or not Path(lora_request.lora_path).is_dir():
+        return  # not a local adapter: vLLM's resolvers / not-found handling apply
+    ctx = _frontend_context(self)
+    if ctx is None:
+        return
+    key = _stamp(lora_request.lora_path)
+    if key not in _CHECKED:
+        try:
+            check_adapter(lora_request.lora_path, ctx)
+            _CHECKED[key] = None
+        except BridgeError as err:
+            _CHECKED[key] = err
+    err = _CHECKED[key]
+    if err is not None:
+        from vllm.exceptions import VLLMValidationError
+
+        raise VLLMValidationError(f"LoRA adapter '{lora_request.lora_name}': {err}") from err
