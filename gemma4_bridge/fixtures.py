@@ -117,6 +117,9 @@ def tiny_config_dict(spec: TinySpec) -> dict[str, Any]:
             "patch_size": 4,
             "pooling_kernel_size": 2,
             "position_embedding_size": 64,
+            # Soft tokens per image; real checkpoints carry it and vLLM sizes image prompts from it.
+            # Must equal the image processor's max_soft_tokens below (and be one vLLM supports).
+            "default_output_length": 70,
             "use_clipped_linears": True,
         }
     if spec.audio:
@@ -235,13 +238,32 @@ def variant(**changes: Any) -> TinySpec:
     return replace(TinySpec(), **changes)
 
 
+def reference_attn_implementation(model_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Eager attention everywhere except the audio tower, which needs transformers' "sdpa" mask.
+
+    ``Gemma4AudioAttention`` masks with ``masked_fill(mask.logical_not(), ...)``, i.e. it expects the
+    boolean mask the sdpa mask builder makes. Under "eager" the builder returns an additive float
+    mask (0 allowed / -3.4e38 masked), so the audio tower attends exactly where it should not
+    (0.42 logprob on the tiny model). The attention maths is the same hand-written code either way;
+    only the mask differs. vLLM builds the tower with "sdpa", i.e. correctly.
+    """
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    impl = {"text_config": "eager"}
+    if config.get("vision_config"):
+        impl["vision_config"] = "eager"
+    if config.get("audio_config"):
+        impl["audio_config"] = "sdpa"
+    return impl
+
+
 def load_tiny_model(model_dir: str | os.PathLike[str]) -> Any:
-    """Load a fixture (or any Gemma 4 dir) in float32 with eager attention: bitwise-reproducible logits."""
+    """Load a fixture (or any Gemma 4 dir) in float32, eager attention (audio: see
+    :func:`reference_attn_implementation`): bitwise-reproducible logits."""
     import torch
     from transformers import Gemma4ForConditionalGeneration
 
     return Gemma4ForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
+        model_dir, dtype=torch.float32, attn_implementation=reference_attn_implementation(model_dir)
     ).eval()
 
 
