@@ -29,7 +29,7 @@ from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout
 from gemma4_bridge.names import PEFT_PREFIX
 
-from .dims import PARENT, STACKED, slice_out_features
+from .dims import PARENT, STACKED, slice_out_features, text_site
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def prepare_adapter(
     config.update(
         target_modules=[t for t in SGLANG_TARGETS if t in targets],
         r=rank,
-        lora_alpha=ref_scaling * rank,  # SGLang's scaling lora_alpha / r == the adapter's PEFT scaling
+        lora_alpha=_int_if_whole(ref_scaling * rank),  # SGLang's scaling lora_alpha / r == the adapter's PEFT scaling
         use_rslora=False,
         rank_pattern={},
         alpha_pattern={},
@@ -163,10 +163,14 @@ def _adapter_scaling(config: Mapping[str, Any]) -> float:
     return lora_scaling(config, int(config.get("r", 8)), float(config.get("lora_alpha", 8)))
 
 
+def _int_if_whole(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
 def _in_features(layout: Gemma4Layout, layer: int, leaf: str) -> int:
     if leaf in ("k_proj", "v_proj"):
         leaf = "q_proj"  # K/V read the same hidden states as Q (their own linears may not exist)
-    site = layout.site(f"model.language_model.layers.{layer}.{PARENT[leaf]}.{leaf}")
+    site = text_site(layout, layer, leaf)
     if site is None:
         raise BridgeError(f"{layout.source}: text layer {layer} has no {leaf}.", fix="re-download the base model")
     return site.in_features
