@@ -1,0 +1,130 @@
+"""The plugin without an engine: entry point, version gate, upstream hook contracts, adapter decisions.
+
+These run in seconds; tests/test_vllm_engine.py and tests/test_vllm_server.py run the real engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from convert_helpers import dir_digest, write_variant
+
+from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.fixtures import write_peft_adapter
+from gemma4_bridge.layout import Gemma4Layout
+
+pytest.importorskip("vllm")
+from gemma4_bridge.plugins.vllm import SUPPORTED_VLLM, check_vllm_version, hooks  # noqa: E402
+from gemma4_bridge.plugins.vllm.adapter import ServingContext, check_adapter, prepare_adapter  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_dir: Path) -> ServingContext:
+    return ServingContext(Gemma4Layout.from_model_dir(tiny_dir), enable_tower_connector_lora=True, max_lora_rank=8)
+
+
+def test_entry_point_is_vllm_general_plugin() -> None:
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps.get("gemma4_bridge") == "gemma4_bridge.plugins.vllm:register"
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0", "not-a-version"])
+def test_unsupported_vllm_is_refused_clearly(version: str) -> None:
+    with pytest.raises(BridgeError, match=rf"supports vLLM {re.escape(SUPPORTED_VLLM)}, but vLLM {re.escape(version)}.*VLLM_PLUGINS"):
+        check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.33.0", "0.33.1.dev4+gabc"])
+def test_supported_vllm_passes(version: str) -> None:
+    check_vllm_version(version)
+
+
+def test_upstream_hook_contracts_hold() -> None:
+    """Fails when vLLM moves or reshapes anything a hook relies on (then install() refuses too)."""
+    assert hooks.verify_upstream() == []
+
+
+def test_upstream_contract_check_detects_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(hooks.HOOKS, "fake", ("vllm.lora.lora_model", "LoRAModel.from_lora_tensors", ("no_such_param",)))
+    assert any("no_such_param" in p for p in hooks.verify_upstream())
+
+
+def test_upstream_facts_the_plugin_relies_on() -> None:
+    """Each vLLM 0.32 behaviour the plugin corrects; if one changes upstream, revisit the fix."""
+    from vllm.lora.lora_weights import LoRALayerWeights
+    from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
+
+    # optimize() scales lora_B in place: the k_eq_v copy must not alias the k_proj tensors.
+    assert "self.lora_b *= self.scaling" in inspect.getsource(LoRALayerWeights.optimize)
+    # Gemma 4 packs q/k/v into qkv_proj for LoRA, so a V slice exists to receive k_proj's factors.
+    assert Gemma4ForConditionalGeneration.packed_modules_mapping["qkv_proj"] == ["q_proj", "k_proj", "v_proj"]
+    # Towers are built from transformers modules whose Linears vLLM replaces (recursive_replace_linear).
+    assert "recursive_replace_linear(" in inspect.getsource(Gemma4ForConditionalGeneration.__init__)
+
+
+def test_vllm_cpu_gemm_rejects_non_contiguous_input() -> None:
+    """Why the plugin makes tower inputs contiguous: vLLM's CPU linear (oneDNN) refuses a transposed
+    input like the one the audio tower's lconv1d feeds linear_end (every audio prompt failed)."""
+    from vllm.model_executor.layers.utils import cpu_unquantized_gemm, dispatch_cpu_unquantized_gemm
+
+    layer = torch.nn.Linear(32, 32, bias=False)  # vLLM dispatches on .weight only
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
+    weight = layer.weight.detach()
+    x = torch.randn(25, 32).t().contiguous().t()  # same values, column-major
+    assert not x.is_contiguous()
+    try:
+        out = cpu_unquantized_gemm(layer, x, weight)
+    except RuntimeError as exc:
+        assert "stride" in str(exc)
+    else:  # a vLLM that handles it makes the plugin's pre-hook a harmless no-op
+        torch.testing.assert_close(out, cpu_unquantized_gemm(layer, x.contiguous(), weight))
+
+
+def test_prepare_adds_k_eq_v_copy_and_never_writes(ctx: ServingContext, text_adapter: Path) -> None:
+    before = dir_digest(text_adapter)
+    prepared = prepare_adapter(text_adapter, ctx)
+    k = "base_model.model.model.language_model.layers.1.self_attn.k_proj.lora_{}.weight"
+    v = "base_model.model.model.language_model.layers.1.self_attn.v_proj.lora_{}.weight"
+    assert prepared.k_eq_v_copies == ["model.language_model.layers.1.self_attn.v_proj"]
+    for ab in "AB":
+        assert torch.equal(prepared.tensors[k.format(ab)], prepared.tensors[v.format(ab)])
+        assert prepared.tensors[k.format(ab)].data_ptr() != prepared.tensors[v.format(ab)].data_ptr()
+    assert dir_digest(text_adapter) == before
+
+
+def test_tower_lora_without_flag_names_the_flag(ctx: ServingContext, tiny_dir: Path, tmp_path: Path, text_adapter: Path) -> None:
+    towers = write_peft_adapter(tiny_dir, tmp_path / "towers", exclude_modules=["relative_k_proj"], seed=3)
+    no_flag = ServingContext(ctx.layout, enable_tower_connector_lora=False, max_lora_rank=8)
+    with pytest.raises(BridgeError, match=r"towers or their connectors .*--enable-tower-connector-lora"):
+        check_adapter(towers, no_flag)
+    check_adapter(text_adapter, no_flag)
+    check_adapter(towers, ctx)
+
+
+def test_zero3_damaged_points_to_convert(ctx: ServingContext, text_adapter: Path, tmp_path: Path) -> None:
+    damaged = write_variant(text_adapter, tmp_path / "damaged", transform=lambda k, v: v[:0] if "layers.0." in k else v)
+    with pytest.raises(BridgeError, match=r"zero elements.*gemma4-bridge convert .*--zero3-checkpoint") as err:
+        check_adapter(damaged, ctx)
+    assert "damaged/adapter_model.safetensors" in str(err.value)
+
+
+def test_relative_k_proj_refused_by_name(ctx: ServingContext, all_linear_adapter: Path) -> None:
+    with pytest.raises(BridgeError, match=r"model\.audio_tower\.layers\.0\.self_attn\.relative_k_proj.*gemma4-bridge merge"):
+        check_adapter(all_linear_adapter, ctx)
+
+
+def test_kv_shared_extras_dropped_with_count(ctx: ServingContext, text_adapter: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    extra = {
+        f"base_model.model.model.language_model.layers.4.self_attn.k_proj.lora_{ab}.weight": torch.ones(s)
+        for ab, s in (("A", (4, 64)), ("B", (64, 4)))
+    }
+    adapter = write_variant(text_adapter, tmp_path / "extras", extra=extra)
+    with caplog.at_level("WARNING", logger="vllm.gemma4_bridge"):
+        prepared = prepare_adapter(adapter, ctx)
+    assert "dropped 2 k_proj/v_proj LoRA tensor(s)" in caplog.text
+    assert not any("layers.4.self_attn.k_proj" in k for k in prepared.tensors)
