@@ -47,7 +47,23 @@ class Gemma4ForConditionalGeneration(_BuiltinGemma4):
 
     def get_hidden_dim(self, module_name: str, layer_idx: int) -> tuple[int, int]:
         """(input, output) size of LoRA module ``module_name`` on ``layer_idx``, from the real weights."""
+        require_kv_heads_per_rank(self.gemma4_layout)
         return lora_dims(self.gemma4_layout, module_name, layer_idx)
+
+
+def require_kv_heads_per_rank(layout: Gemma4Layout) -> None:
+    """Refuse LoRA when tensor parallelism replicates K/V heads: SGLang then sizes every layer's
+    per-rank qkv LoRA buffer from one head size and K/V head count, which Gemma 4 layers do not share."""
+    from sglang.srt.runtime_context import get_parallel
+
+    tp = get_parallel().attn_tp_size
+    fewest = min(layer.num_kv_heads for layer in layout.text_layers)
+    if tp > fewest:
+        raise BridgeError(
+            f"gemma4-bridge: LoRA on Gemma 4 with attention tensor parallelism {tp} > {fewest} K/V head(s) is not "
+            "supported: SGLang would size the per-rank q/k/v LoRA buffers of some layers wrongly.",
+            fix=f"serve LoRA with --tp-size {fewest} (or 1) and scale out with --dp-size instead",
+        )
 
 
 def model_dir_of(config: Any) -> Path:

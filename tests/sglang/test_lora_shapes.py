@@ -84,3 +84,16 @@ def test_get_hidden_dim_answers_from_the_checkpoint(sg_model: tuple[Any, Any], h
         assert model.get_hidden_dim("gate_up_proj", i) == (64, 2 * mlp.gate_proj.weight.shape[0])
     with pytest.raises(BridgeError, match="per_layer_input_gate.*--lora-target-modules"):
         model.get_hidden_dim("per_layer_input_gate", 0)
+
+
+def test_tensor_parallel_wider_than_kv_heads_is_refused(sg_model: tuple[Any, Any]) -> None:
+    """SGLang's per-rank qkv LoRA sizing assumes one head size when K/V heads are replicated."""
+    from sglang.test.parallel_groups import parallel_scope
+
+    from gemma4_bridge.errors import BridgeError
+
+    model, _ = sg_model
+    with parallel_scope(tp_size=2, attn_tp_size=2, tp_rank=0, attn_tp_rank=0, moe_tp_size=2):
+        with pytest.raises(BridgeError, match="tensor parallelism 2 > 1 K/V head"):
+            model.get_hidden_dim("qkv_proj", 0)
+    assert model.get_hidden_dim("qkv_proj", 0) == (64, 128)  # TP 1 again
