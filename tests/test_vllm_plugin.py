@@ -128,3 +128,23 @@ def test_kv_shared_extras_dropped_with_count(ctx: ServingContext, text_adapter: 
         prepared = prepare_adapter(adapter, ctx)
     assert "dropped 2 k_proj/v_proj LoRA tensor(s)" in caplog.text
     assert not any("layers.4.self_attn.k_proj" in k for k in prepared.tensors)
+
+
+def test_cpu_lora_kernels_ignore_tokens_without_adapter() -> None:
+    """vLLM 0.32's CPU kernels pick the LAST slot for slot -1 (no adapter); the plugin masks those tokens."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    from gemma4_bridge.plugins.vllm import register
+
+    register()  # what vLLM does in each of its processes
+    assert hooks.cpu_kernels_need_fix(), "upstream changed its CPU LoRA kernels: re-check the hook"
+    weights = torch.randn(2, 1, 4, 8)  # two adapter slots, rank 4, in 8
+    x = torch.randn(3, 8)
+    slots = torch.tensor([0, -1, 1])
+    upstream = torch.zeros(3, 4)
+    hooks.upstream("cpu_bgmv_shrink")(x, weights, upstream, slots, 1.0)
+    assert torch.allclose(upstream[1], x[1] @ weights[1, 0].T)  # the bug: slot -1 used slot 1
+    fixed = torch.zeros(3, 4)
+    lora_ops.bgmv_shrink(x, weights, fixed, slots, 1.0)  # the installed (wrapped) kernel
+    assert torch.equal(fixed[1], torch.zeros(4))
+    assert torch.allclose(fixed[[0, 2]], upstream[[0, 2]])

@@ -8,6 +8,13 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   :class:`~.model.BridgeWeightsMapper` vLLM passes in) the adapter is canonicalised in memory,
   refused or fixed (:mod:`.adapter`), checked against the LoRA layers vLLM actually built, and
   handed to vLLM's own ``LoRAModel.from_lora_tensors``. Other models take the original path.
+* ``vllm.lora.ops.torch_ops.lora_ops.bgmv_{shrink,expand,expand_slice}`` (CPU LoRA kernels, also
+  reached through the ``sgmv_*`` prefill variants and ``punica_cpu``): they index the stacked LoRA
+  weights with the per-token adapter slot, and a token without an adapter has slot -1, which
+  Python indexing turns into the LAST slot. In a batch that mixes adapters, requests without an
+  adapter get another request's LoRA (measured 0.28 logprob on text, 0.50 on an image with tower
+  LoRA). The wrappers zero those tokens' inputs and index slot 0 instead; installed only while the
+  upstream source still has the unmasked indexing.
 * ``InputProcessor._validate_lora`` (front end): a request naming a bad adapter is refused
   there, from safetensors headers only, as a per-request validation error. Without it the adapter
   would be loaded lazily inside the worker, where any exception kills the whole engine.
@@ -40,7 +47,13 @@ HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "frontend_validate_lora": ("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request")),
     "rename_mapper": ("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",)),
+    "cpu_bgmv_shrink": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
+    "cpu_bgmv_expand": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
+    "cpu_bgmv_expand_slice": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
 }
+CPU_KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+# The unmasked indexing the CPU-kernel hook exists for; once upstream changes it, the hook stays off.
+UNMASKED_INDEXING = "selected_loras = lora_b_weights[lora_indices_tensor]"
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
 
 
@@ -89,6 +102,51 @@ def install() -> None:
     _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
     LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
     InputProcessor._validate_lora = _validate_lora  # type: ignore[method-assign]
+    _install_cpu_kernel_fix()
+
+
+def cpu_kernels_need_fix() -> bool:
+    """True while vLLM's CPU LoRA kernels still index slots without masking slot -1."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    return all(UNMASKED_INDEXING in inspect.getsource(getattr(lora_ops, name)) for name in CPU_KERNELS)
+
+
+def _install_cpu_kernel_fix() -> None:
+    import importlib
+
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    if not cpu_kernels_need_fix():
+        return
+    users = [lora_ops, importlib.import_module("vllm.lora.ops.torch_ops")]
+    try:
+        users.append(importlib.import_module("vllm.lora.punica_wrapper.punica_cpu"))
+    except ImportError:  # not a CPU build: nothing else calls these kernels
+        pass
+    for name in CPU_KERNELS:
+        original = getattr(lora_ops, name)
+        _ORIGINALS[f"cpu_{name}"] = original
+        fixed = _mask_no_adapter_tokens(original)
+        for module in users:
+            if getattr(module, name, None) is original:
+                setattr(module, name, fixed)
+
+
+def _mask_no_adapter_tokens(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """Tokens with adapter slot -1 contribute nothing (zero input), instead of using the last slot."""
+
+    def masked(inputs: Any, lora_weights: Any, output_tensor: Any, lora_indices_tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        no_adapter = lora_indices_tensor < 0
+        if bool(no_adapter.any()):
+            rows = no_adapter if inputs.shape[0] == no_adapter.shape[0] else no_adapter[: inputs.shape[0]]
+            inputs = inputs.masked_fill(rows.unsqueeze(-1), 0)
+            lora_indices_tensor = lora_indices_tensor.clamp(min=0)
+        return kernel(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
+
+    masked.__name__ = masked.__qualname__ = kernel.__name__
+    masked.__wrapped__ = kernel  # type: ignore[attr-defined]
+    return masked
 
 
 # -- worker side -------------------------------------------------------------------------------
