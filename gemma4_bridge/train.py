@@ -62,10 +62,19 @@ def layout_of(model: torch.nn.Module) -> Gemma4Layout:
     base = _unwrap(model)
     shapes: dict[str, tuple[int, ...]] = {}
     for name, param in base.named_parameters():
-        shapes[name] = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the true shape in ds_shape
+        if (name := _base_name(name)) is not None:
+            shapes[name] = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the true shape in ds_shape
     for name, buffer in base.named_buffers():
-        shapes[name] = tuple(buffer.shape)
+        if (name := _base_name(name)) is not None:
+            shapes[name] = tuple(buffer.shape)
     return Gemma4Layout.from_config(base.config.to_dict(), shapes, source=type(base).__name__)
+
+
+def _base_name(name: str) -> str | None:
+    """A parameter's checkpoint name once PEFT has wrapped its module; None for adapter weights."""
+    if ".lora_" in name or ".modules_to_save." in name:
+        return None
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -202,13 +211,18 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
     of the layout (PEFT's meaning: ``lm_head`` excluded).
     """
     from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+    from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     base = _unwrap(model)
     layout = layout_of(base)
     wrappers = {site.wrapper_path: site.path for site in layout.linears.values() if site.clippable}
     probe = config
-    if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    if config.target_modules is None:  # PEFT's own default for the model type (gemma4: text q/v only)
+        default = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(base.config.model_type)
+        if default is None:
+            raise BridgeError(f"no target_modules given and PEFT has no default for {base.config.model_type!r}.", fix="set target_modules")
+        probe = dataclasses.replace(config, target_modules=default)
+    if probe.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
         probe = dataclasses.replace(config, target_modules=sorted(layout.linears))
     targets: set[str] = set()
     for name, _ in base.named_modules():

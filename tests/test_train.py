@@ -131,8 +131,23 @@ def test_target_spec_forms(tiny_dir: Path) -> None:
     assert config.rank_pattern["model.audio_tower.layers.0.self_attn.q_proj.linear"] == 8
     assert "model.audio_tower.layers.0.self_attn.k_proj.linear" not in config.rank_pattern
     assert set(config.rank_pattern) <= set(layout.linears)
+    # No targets: PEFT's gemma4 default (text q_proj/v_proj), made explicit.
+    assert resolve_target_modules(model, LoraConfig()) == sorted(
+        s.path for s in layout.linears.values() if s.component == "language_model" and s.leaf in ("q_proj", "v_proj")
+    )
     with pytest.raises(BridgeError, match="matches no module"):
         resolve_target_modules(model, LoraConfig(target_modules=["no_such_proj"]))
+
+
+def test_save_adapter_on_plain_peft_model(tiny_dir: Path, all_linear_adapter: Path, tmp_path: Path) -> None:
+    """No prepare_model, stock PEFT all-linear: save_adapter still writes the canonical, identical tensors."""
+    model = PeftModel.from_pretrained(load_tiny_model(tiny_dir), all_linear_adapter)
+    out = save_adapter(model, tmp_path / "canonical")
+    original = dict(AdapterDir.open(all_linear_adapter).iter_tensors())
+    saved = dict(AdapterDir.open(out).iter_tensors())
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)
+    assert AdapterDir.open(out).config["target_modules"] == sorted({k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in saved})
 
 
 def test_forward_at_init_is_bit_exact(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:
@@ -207,7 +222,16 @@ def test_saved_adapter_is_canonical_and_reloads_without_registration(
 
 
 # -- 2. KV sharing ------------------------------------------------------------------------------
-def test_broken_transformers_releases_are_refused(tiny_dir: Path, tiny_text_only_dir: Path) -> None:
+def test_broken_transformers_releases_are_refused(
+    tiny_dir: Path, tiny_text_only_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    model = load_tiny_model(tiny_dir)
+    monkeypatch.setattr(transformers, "__version__", "5.5.1")
+    with pytest.raises(BridgeError, match=r"transformers 5\.5\.1 computes wrong K/V"):
+        prepare_model(model)
+    monkeypatch.undo()
     layout = Gemma4Layout.from_model_dir(tiny_dir)
     for version in ("5.5.0", "5.5.1"):
         with pytest.raises(BridgeError, match=r"transformers>=5\.5\.2") as err:
