@@ -42,6 +42,9 @@ class ServingContext:
     layout: Gemma4Layout
     enable_tower_connector_lora: bool
     max_lora_rank: int | None = None
+    # Tower/connector components vLLM builds no LoRA layers for because their modality is off
+    # (--limit-mm-per-prompt '{"audio": 0}'), with the modality that disables them.
+    disabled_towers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -106,6 +109,15 @@ def _check_sites(p: CanonicalPlan, ctx: ServingContext) -> None:
             "retrain with exclude_modules=['relative_k_proj']",
         )
     towers = [m.site for m in p.modules if m.site.component in _NOT_LANGUAGE]
+    for component, modality in ctx.disabled_towers:
+        off = [s for s in towers if s.component == component]
+        if off and ctx.enable_tower_connector_lora:
+            raise BridgeError(
+                f"{p.weights_label}: {len(off)} LoRA module(s) target {component} (e.g. {off[0].path}), but the server "
+                f"runs with {modality} inputs disabled (--limit-mm-per-prompt {modality}=0), so vLLM built no LoRA layers "
+                "there and would ignore them.",
+                fix=f"allow {modality} inputs (e.g. --limit-mm-per-prompt '{{\"{modality}\": 1}}') or serve an adapter without {component} LoRA",
+            )
     if towers and not ctx.enable_tower_connector_lora:
         raise BridgeError(
             f"{p.weights_label}: {len(towers)} LoRA module(s) target the vision/audio towers or their connectors "

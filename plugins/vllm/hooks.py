@@ -210,9 +210,24 @@ def _frontend_context(processor: Any) -> ServingContext | None:
                 enable_tower_connector_lora=archs[0] == "Gemma4ForConditionalGeneration"
                 and bool(processor.lora_config.enable_tower_connector_lora),
                 max_lora_rank=processor.lora_config.max_lora_rank,
+                disabled_towers=_disabled_towers(model_config),
             )
     processor._gemma4_bridge_ctx = ctx
     return ctx
+
+
+def _disabled_towers(model_config: Any) -> tuple[tuple[str, str], ...]:
+    """Towers whose modality is limited to 0 items: vLLM then wraps none of their linears for LoRA."""
+    mm = getattr(model_config, "multimodal_config", None)
+    if mm is None:
+        return ()
+    limit = lambda modality: mm.get_limit_per_prompt(modality)  # noqa: E731
+    off: list[tuple[str, str]] = []
+    if limit("audio") == 0:
+        off += [("audio_tower", "audio"), ("embed_audio", "audio")]
+    if limit("image") == 0 and limit("video") == 0:
+        off += [("vision_tower", "image"), ("embed_vision", "image")]
+    return tuple(off)
 
 
 def _stamp(path: str) -> tuple[str, int, int]:
