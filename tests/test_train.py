@@ -284,6 +284,30 @@ def test_reentrant_checkpointing_is_switched_off(tiny_dir: Path) -> None:
     assert max(fixed.values()) < 1e-5, fixed
 
 
+def test_unrepairable_checkpointing_is_refused(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where non-reentrant cannot be guaranteed, refuse instead of training on wrong gradients."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    ids = torch.randint(16, 500, (1, 8), generator=torch.Generator().manual_seed(1))
+    model = prepare_model(load_tiny_model(tiny_dir)).train()
+    # An opaque checkpoint function (not a functools.partial): its mode cannot be read.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = lambda fn, *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=True)
+    with pytest.raises(BridgeError, match="use_reentrant': False"):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    # ZeRO-3 on a DeepSpeed without recompute attribution (PR 8130): non-reentrant would crash there.
+    model = prepare_model(load_tiny_model(tiny_dir)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.model.language_model.layers[0].self_attn.q_proj.weight.ds_id = 0  # what ZeRO-3 partitioning marks
+    monkeypatch.delattr(partitioned_param_coordinator, "update_recompute_parameters")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(BridgeError, match="PR 8130"):
+            model(input_ids=ids, labels=ids, use_cache=False)
+
+
 # -- 5. TRL -------------------------------------------------------------------------------------
 def _rows(processor: Any, modality: str, n: int = 4) -> list[dict[str, Any]]:
     texts = [
