@@ -28,6 +28,9 @@ KINDS = tuple(PROMPTS)
 @pytest.fixture(scope="module")
 def engine(tiny_dir: Path) -> Any:
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's env reads
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     from vllm import LLM
 

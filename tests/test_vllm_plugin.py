@@ -63,6 +63,10 @@ def test_upstream_facts_the_plugin_relies_on() -> None:
     assert "self.lora_b *= self.scaling" in inspect.getsource(LoRALayerWeights.optimize)
     # Gemma 4 packs q/k/v into qkv_proj for LoRA, so a V slice exists to receive k_proj's factors.
     assert Gemma4ForConditionalGeneration.packed_modules_mapping["qkv_proj"] == ["q_proj", "k_proj", "v_proj"]
+    # get_rename_mapper() copies with dataclasses.replace, so the worker receives our tagged subclass.
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    assert "replace(" in inspect.getsource(WeightsMapper.get_rename_mapper)
     # Towers are built from transformers modules whose Linears vLLM replaces (recursive_replace_linear).
     assert "recursive_replace_linear(" in inspect.getsource(Gemma4ForConditionalGeneration.__init__)
 

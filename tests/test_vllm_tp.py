@@ -26,6 +26,9 @@ def tp_engine(tiny_dir: Path) -> Any:
     if len(cpus) < 2:
         pytest.skip(f"tensor_parallel_size=2 needs 2 CPUs to bind one TP worker each; this process may use {cpus}")
     saved = {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's env reads
     os.environ.update(VLLM_CPU_OMP_THREADS_BIND=f"{cpus[0]}|{cpus[1]}", VLLM_CPU_KVCACHE_SPACE="1")
     os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     from vllm import LLM
