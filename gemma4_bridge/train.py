@@ -13,6 +13,11 @@ Four things go silently wrong when Gemma 4 is LoRA-trained with the stock stack;
   produced without grad tracking: the loss is right but gradients are not. :func:`prepare_model`
   installs a guard that switches the decoder to non-reentrant checkpointing (with a warning) whoever
   enabled it, including TRL's forced ``use_reentrant=True`` for PEFT + DeepSpeed ZeRO-3.
+* Audio attention mask: under ``attn_implementation="eager"`` transformers builds the audio tower's
+  mask as an additive float mask, which ``Gemma4AudioAttention`` reads as boolean
+  (``masked_fill(mask.logical_not())``): the tower attends exactly where it should not.
+  :func:`prepare_model` gives the audio tower the "sdpa" mask (its attention maths is hand-written
+  either way), with a warning.
 * ZeRO-3: partitioned parameters are ``[0]``-shaped placeholders, so a plain ``save_pretrained``
   writes empty tensors. :func:`save_adapter` gathers first (a collective: call it on every rank).
 * Output: :func:`save_adapter` writes the canonical layout through the converters' own planner, so
@@ -47,6 +52,10 @@ _GUARD_ATTR = "_gemma4_bridge_checkpoint_guard"
 # transformers releases where KV sharing lived in the cache object (issue 45242, fixed by PR 45312).
 BROKEN_KV_SHARING_RELEASES = ((5, 5, 0), (5, 5, 1))
 FIXED_KV_SHARING_RELEASE = "5.5.2"
+
+
+class AudioAttentionMaskWarning(UserWarning):
+    """The audio tower was switched from the eager mask (read inverted) to the sdpa mask."""
 
 
 class KVSharingCheckpointWarning(UserWarning):
@@ -86,6 +95,7 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     base = _unwrap(model)
     layout = layout_of(base)
     check_transformers_version(layout)
+    repair_audio_attention_mask(base)
     if layout.kv_shared_layers and not getattr(base, _GUARD_ATTR, None):
         decoder = _text_decoder(base)
         guard = _KVSharingCheckpointGuard(layout)
@@ -93,6 +103,29 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
         object.__setattr__(base, _GUARD_ATTR, handle)  # not an nn.Module attribute: keep it out of state
     object.__setattr__(base, _LAYOUT_ATTR, layout)
     return model
+
+
+def repair_audio_attention_mask(model: torch.nn.Module) -> bool:
+    """Give the audio tower the boolean ("sdpa") mask it is written for; True if it had the eager one.
+
+    ``Gemma4AudioModel`` builds its mask for the configured attention implementation, but
+    ``Gemma4AudioAttention`` always computes attention by hand and masks with
+    ``masked_fill(mask.logical_not(), ...)``. Under "eager" the mask is additive floats (0 where
+    allowed), so ``logical_not`` selects the allowed positions: audio training would learn from a
+    tower that attends to padding and out-of-window frames. Only the mask changes here.
+    """
+    audio_tower = getattr(getattr(_unwrap(model), "model", None), "audio_tower", None)
+    if audio_tower is None or audio_tower.config._attn_implementation != "eager":
+        return False
+    audio_tower.config._attn_implementation = "sdpa"
+    warnings.warn(
+        "gemma4-bridge: the audio tower was loaded with attn_implementation='eager', whose mask "
+        "Gemma4AudioAttention reads inverted (it attends where it should not); switched the audio "
+        "tower to the 'sdpa' mask. Text and vision attention are unchanged.",
+        AudioAttentionMaskWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def check_transformers_version(layout: Gemma4Layout, version: str | None = None) -> None:

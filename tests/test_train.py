@@ -469,3 +469,22 @@ def test_trainer_needs_a_loaded_model() -> None:
 
     with pytest.raises(BridgeError, match="loaded model"):
         Gemma4SFTTrainer(model=os.fspath("google/gemma-4-e2b"))
+
+
+def test_eager_audio_mask_is_repaired(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:
+    """Under "eager" the audio tower reads its mask inverted; prepare_model restores the sdpa mask.
+
+    The reference (load_tiny_model: sdpa mask for the audio tower) is the one vLLM's independent
+    audio implementation matches to ~1e-6 (tests/test_vllm_engine.py), so it is the correct one.
+    """
+    from transformers import Gemma4ForConditionalGeneration
+
+    from gemma4_bridge.train import AudioAttentionMaskWarning, prepare_model
+
+    reference = _logits(load_tiny_model(tiny_dir), mm_batch)
+    eager = Gemma4ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert (_logits(eager, mm_batch) - reference).abs().max() > 1e-2  # the upstream defect is real
+    with pytest.warns(AudioAttentionMaskWarning, match="audio tower"):
+        prepare_model(eager)
+    assert eager.config.text_config._attn_implementation == "eager"  # text attention untouched
+    _assert_agree(_logits(eager, mm_batch), reference)
