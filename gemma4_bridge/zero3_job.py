@@ -63,9 +63,13 @@ def run_zero3_job(
     r: int = 4,
     lora_alpha: int = 8,
     dtype: str = "float32",
+    exclude_modules: list[str] | None = None,
     timeout_s: float = 600,
 ) -> Zero3JobResult:
     """Train a PEFT all-linear LoRA with ZeRO-3 on ``world_size`` CPU ranks and save both artefacts.
+
+    ``exclude_modules`` is passed to PEFT's LoraConfig (e.g. ``["relative_k_proj"]`` for an adapter
+    that vLLM can serve: that audio linear acts on positions, and the plugin refuses LoRA there).
 
     ``dtype`` is the model/adapter dtype ("float32" or "bfloat16"); DeepSpeed keeps fp32 master
     weights in the checkpoint either way. Raises ``RuntimeError`` with the workers' output tail
@@ -82,7 +86,8 @@ def run_zero3_job(
     ]  # fmt: skip
     # Worker arguments travel in the environment: torch.distributed.run would parse "--r" as its own.
     env[_WORKER_ENV] = json.dumps(
-        {"model_dir": str(model_dir), "out": str(out), "steps": steps, "r": r, "lora_alpha": lora_alpha, "dtype": dtype}
+        {"model_dir": str(model_dir), "out": str(out), "steps": steps, "r": r, "lora_alpha": lora_alpha, "dtype": dtype,
+         "exclude_modules": exclude_modules}
     )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
@@ -98,7 +103,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(model_dir: Path, out: Path, steps: int, r: int, lora_alpha: int, dtype: str) -> None:
+def _worker(
+    model_dir: Path, out: Path, steps: int, r: int, lora_alpha: int, dtype: str, exclude_modules: list[str] | None
+) -> None:
     """One rank: PEFT all-linear LoRA, ZeRO-3, a few AdamW steps on random text."""
     import deepspeed
     import torch
@@ -112,7 +119,9 @@ def _worker(model_dir: Path, out: Path, steps: int, r: int, lora_alpha: int, dty
     torch.manual_seed(0)  # identical init on every rank
     model = load_tiny_model(model_dir).to(getattr(torch, dtype))
     # init_lora_weights=False: B starts nonzero too, so every delta is nonzero and testable.
-    lora = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules="all-linear", init_lora_weights=False)
+    lora = LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules="all-linear", exclude_modules=exclude_modules, init_lora_weights=False
+    )
     peft_model = get_peft_model(model, lora)
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -173,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     if _WORKER_ENV in os.environ and argv is None:
         spec = json.loads(os.environ[_WORKER_ENV])
-        _worker(Path(spec["model_dir"]), Path(spec["out"]), spec["steps"], spec["r"], spec["lora_alpha"], spec["dtype"])
+        _worker(
+            Path(spec["model_dir"]), Path(spec["out"]), spec["steps"], spec["r"], spec["lora_alpha"], spec["dtype"],
+            spec.get("exclude_modules"),
+        )  # fmt: skip
         return 0
     args = parser.parse_args(argv)
     result = run_zero3_job(
