@@ -58,7 +58,12 @@ def _session_members(sid: int) -> list[int]:
 def server(tiny_dir: Path, text_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    # VLLM_LOGGING_LEVEL explicitly: importing trl (other test modules do) sets it to ERROR in this
+    # process's environment, which would hide the plugin's INFO line from the server.
+    env = {
+        **os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
+        "VLLM_LOGGING_LEVEL": "INFO",
+    }  # fmt: skip
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_dir),
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
