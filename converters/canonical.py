@@ -12,6 +12,7 @@ turns the first broken problem into a :class:`BridgeError` naming file, tensor a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +26,7 @@ from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, LinearSite
 from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, parse_key, resolve_key
 
-from .safetensors_stream import CODE_TO_DTYPE, SafetensorsReader
+from .safetensors_stream import CODE_TO_DTYPE, DTYPES, SafetensorsReader
 
 if TYPE_CHECKING:
     from .zero3 import Zero3Checkpoint
@@ -174,20 +175,55 @@ class CanonicalPlan:
 
         if entry.from_zero3:
             assert self.zero3 is not None
-            tensor = self.zero3.recover(self.zero3_names[entry.key])
+            tensor = self.zero3.recover(self.zero3_names[entry.key], scratch)
         else:
             tensor = self._source.get(entry.source_key, scratch)
         tensor = tensor.to(getattr(torch, entry.dtype))
+        self._check_finite(entry, tensor)
+        return tensor
+
+    def raw_bytes(self, entry: PlannedTensor) -> memoryview | None:
+        """The source bytes of ``entry`` when they are its canonical bytes (a renamed tensor of a
+        safetensors file, same dtype), checked finite; else None (use :meth:`load`).
+
+        No tensor is built or copied: the bytes are a view of a memory-mapped window of the source,
+        valid until the next call. Writing them out is then the only copy, as in a file copy.
+        """
+        reader = self._source.reader
+        if entry.from_zero3 or reader is None or reader.header[entry.source_key]["dtype"] != DTYPES[entry.dtype][0]:
+            return None
+        try:
+            mapped = reader.mapped(entry.source_key)
+        except (OSError, ValueError) as exc:
+            raise BridgeError(
+                f"{self.weights_label}: could not read tensor {entry.source_key} ({exc}).",
+                fix="the file is truncated or corrupt; copy it again from where it was trained",
+            ) from exc
+        if mapped is None:
+            return None
+        raw, tensor = mapped
+        self._check_finite(entry, tensor)
+        return raw
+
+    def close(self) -> None:
+        """Release the source's memory-mapped window (see :meth:`raw_bytes`) and checkpoint files."""
+        if self._source.reader is not None:
+            self._source.reader.close()
+        if self.zero3 is not None:
+            self.zero3.close()
+
+    def _check_finite(self, entry: PlannedTensor, tensor: Any) -> None:
+        import torch
+
         # A sum is finite iff every value is (NaN/Inf propagate); only an overflowing sum of
         # huge finite values needs the exact, 20x slower element-wise check.
-        if tensor.is_floating_point() and not bool(tensor.sum().isfinite()) and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not math.isfinite(tensor.sum().item()) and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             where = f"{self.zero3.tag_dir} (recovered)" if entry.from_zero3 and self.zero3 else self.weights_label
             raise BridgeError(
                 f"{where}: tensor {entry.source_key} has {bad} NaN/Inf value(s); serving it would produce garbage.",
                 fix="the training run diverged; use an earlier checkpoint or retrain with a lower learning rate",
             )
-        return tensor
 
     def iter_tensors(self) -> Iterator[tuple[PlannedTensor, Any]]:
         for entry in self.tensors:

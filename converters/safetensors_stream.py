@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -55,7 +57,8 @@ def write_streaming(
     """Write ``specs`` to ``path``; ``produce(spec)`` returns the tensor for one spec when needed.
 
     The produced tensor must match the spec's shape and dtype (checked), so the header written
-    first stays true.
+    first stays true. ``produce`` may instead return the tensor's raw little-endian bytes (a
+    buffer of exactly ``spec.nbytes``), which are written as they are: no tensor is built.
     """
     header: dict[str, Any] = {}
     if metadata:
@@ -66,18 +69,29 @@ def write_streaming(
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with path.open("wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+    with path.open("wb", buffering=0) as f:
+        _write_all(f, len(raw).to_bytes(8, "little") + raw)
         for spec in specs:
             tensor = produce(spec)
-            got = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-            if got != (spec.shape, spec.dtype):
-                raise ValueError(f"{spec.name}: produced {got}, header promised {(spec.shape, spec.dtype)}")
-            if spec.nbytes:
-                f.write(memoryview(tensor.contiguous().view(-1).view(_u8()).numpy()))
+            if isinstance(tensor, memoryview):
+                if tensor.nbytes != spec.nbytes:
+                    raise ValueError(f"{spec.name}: produced {tensor.nbytes} bytes, header promised {spec.nbytes}")
+                data = tensor
+            else:
+                got = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                if got != (spec.shape, spec.dtype):
+                    raise ValueError(f"{spec.name}: produced {got}, header promised {(spec.shape, spec.dtype)}")
+                data = memoryview(tensor.contiguous().view(-1).view(_u8()).numpy()) if spec.nbytes else memoryview(b"")
+            _write_all(f, data)
             if on_written is not None:
                 on_written(spec)
+
+
+def _write_all(f: Any, data: Any) -> None:
+    """Unbuffered write of a whole buffer (a raw file may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view) :]
 
 
 @cache
@@ -95,11 +109,16 @@ class SafetensorsReader:
     RSS. Reading into a fresh buffer keeps the peak at one tensor.
     """
 
+    WINDOW = 32 << 20  # bytes of the file mapped at a time by :meth:`mapped`
+
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
         self.header = header
         with path.open("rb") as f:
             self.data_start = 8 + int.from_bytes(f.read(8), "little")
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        self.data_end = self.data_start + max(ends, default=0)
+        self._window: tuple[int, int, Any, Any] | None = None  # (file start, file end, mmap, uint8 tensor)
 
     def specs(self) -> list[TensorSpec]:
         """Tensors in file order."""
@@ -127,3 +146,45 @@ class SafetensorsReader:
             if got != end - start:
                 raise ValueError(f"{name}: read {got} of {end - start} bytes (file truncated?)")
         return tensor
+
+    def mapped(self, name: str) -> tuple[memoryview, Any] | None:
+        """Tensor ``name`` as its raw bytes and a tensor view of them, in a memory map of the file.
+
+        For copying a tensor verbatim: one memcpy (into the output) instead of a read into a buffer
+        and a write from it. Only a window of the file is mapped at a time, so the resident set
+        stays at one window however large the file; the views are valid until the next call or
+        :meth:`close`. None when the bytes are not aligned for their dtype (read with :meth:`get`).
+        """
+        import torch
+
+        info = self.header[name]
+        start, end = (self.data_start + o for o in info["data_offsets"])
+        dtype = getattr(torch, CODE_TO_DTYPE[info["dtype"]])
+        if start % dtype.itemsize or end - start != math.prod(info["shape"]) * dtype.itemsize or end > self.data_end:
+            return None
+        if end == start:
+            return memoryview(b""), torch.empty(tuple(info["shape"]), dtype=dtype)
+        w = self._window
+        if w is None or not (w[0] <= start and end <= w[1]):
+            self.close()
+            lo = start - start % mmap.ALLOCATIONGRANULARITY
+            hi = max(end, min(lo + self.WINDOW, self.data_end))
+            with self.path.open("rb") as f:
+                m = mmap.mmap(f.fileno(), hi - lo, prot=mmap.PROT_READ, offset=lo)
+            with warnings.catch_warnings():  # read-only on purpose: the tensor is only read
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.frombuffer(m, dtype=torch.uint8)
+            w = self._window = (lo, hi, m, tensor)
+        lo, _, m, window = w
+        raw = memoryview(m)[start - lo : end - lo]
+        return raw, window[start - lo : end - lo].view(dtype).view(tuple(info["shape"]))
+
+    def close(self) -> None:
+        """Unmap the current window (its pages leave the resident set)."""
+        if self._window is not None:
+            m = self._window[2]
+            self._window = None  # drops the window tensor, which holds the map's buffer
+            try:
+                m.close()
+            except BufferError:  # a caller still holds a view: unmapped when the last view goes
+                pass

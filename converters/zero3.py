@@ -5,18 +5,20 @@ laid out in the order of ``param_shapes`` in its fp32 master copy (``fp32_flat_g
 ``*_optim_states.pt``; a rank's groups are read as one flat vector). A parameter is the
 concatenation of its N chunks, trimmed to ``numel`` and reshaped. The files are pickles: they are
 read with ``torch.load(weights_only=True)`` and an allow-list of inert stand-ins for the few
-DeepSpeed classes they name, and memory-mapped, so recovering one tensor touches only its bytes.
+DeepSpeed classes they name, onto the meta device: no tensor data is read, each flat group's
+storage only reports its byte offset in the (uncompressed) zip file. Recovering one tensor then
+reads exactly its N chunks with ``pread``, straight into the output buffer: no Adam moment, no
+page of the file is mapped, and memory stays at one tensor.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import mmap
 import os
 import re
 import sys
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -103,16 +105,26 @@ def _tag_dir(root: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+@dataclass(frozen=True)
+class FlatGroup:
+    """One fp32 flat group of a rank: ``numel`` elements at byte ``offset`` of the rank's file."""
+
+    offset: int
+    numel: int
+
+
 @dataclass
 class Zero3Checkpoint:
-    """An opened ZeRO-3 checkpoint: parameter order and shapes, and each rank's fp32 partition."""
+    """An opened ZeRO-3 checkpoint: parameter order and shapes, and where each rank's fp32 partition lies."""
 
     tag_dir: Path
     world_size: int
     param_shapes: dict[str, tuple[int, ...]]  # trainable params, in partition order
     offsets: dict[str, int]  # per-rank element offset of each param's chunk
-    flat: list[list[Any]]  # per rank: its fp32 flat groups (memory-mapped)
+    partitions: list[tuple[Path, list[FlatGroup]]]  # per rank: its optim file and fp32 flat groups in it
     ds_version: str | None = None
+    dtype: str = "float32"  # of the flat groups (DeepSpeed's master weights)
+    _fds: dict[int, int] = field(default_factory=dict, repr=False)  # rank -> open file descriptor
 
     @classmethod
     def open(cls, tag_dir: Path) -> Zero3Checkpoint:
@@ -123,99 +135,108 @@ class Zero3Checkpoint:
                 f"{tag_dir}: missing *_model_states.pt or *_optim_states.pt.",
                 fix="the DeepSpeed checkpoint is incomplete; copy the whole global_stepN directory",
             )
-        model_states = _load(model_files[0], mmap=False)
+        model_states = _load(model_files[0], map_location="cpu")
         shapes_groups = model_states.get("param_shapes") if isinstance(model_states, dict) else None
         if not isinstance(shapes_groups, list):
             raise BridgeError(f"{model_files[0]}: no 'param_shapes'; not a ZeRO-3 model-states file.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
         param_shapes = {name: tuple(int(d) for d in shape) for group in shapes_groups for name, shape in group.items()}
-        flat: list[list[Any]] = []
+        partitions: list[tuple[Path, list[FlatGroup]]] = []
         world_size = len(optim_files)
-        for i, path in enumerate(optim_files):
-            state = _load(path, mmap=True)
+        dtypes = set()
+        for path in optim_files:
+            state = _load(path, map_location="meta")  # structure and storage offsets only
             osd = state.get("optimizer_state_dict") if isinstance(state, dict) else None
             if not isinstance(osd, dict) or "fp32_flat_groups" not in osd:
                 raise BridgeError(f"{path}: no fp32_flat_groups; not a ZeRO-3 optimizer-states file.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
             stage = int(osd.get("zero_stage", 0))
-            partitions = osd.get("partition_count")
-            partitions = max(partitions) if isinstance(partitions, list) else partitions
-            if stage != 3 or (partitions is not None and int(partitions) != world_size):
+            count = osd.get("partition_count")
+            count = max(count) if isinstance(count, list) else count
+            if stage != 3 or (count is not None and int(count) != world_size):
                 raise BridgeError(
-                    f"{path}: zero_stage={stage}, partition_count={partitions}, but {world_size} rank file(s) found.",
+                    f"{path}: zero_stage={stage}, partition_count={count}, but {world_size} rank file(s) found.",
                     fix="recovery needs a complete ZeRO-3 checkpoint: all ranks' *_optim_states.pt from one step",
                 )
-            flat.append(list(osd["fp32_flat_groups"]))
-            del state, osd  # drop Adam moments (memory-mapped, never touched)
+            _require_plain_storage(path)
+            groups = []
+            for g in osd["fp32_flat_groups"]:
+                base = getattr(g.untyped_storage(), "_checkpoint_offset", None)
+                if base is None or not g.is_contiguous():
+                    raise BridgeError(f"{path}: an fp32 flat group is not a plain stored tensor.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
+                groups.append(FlatGroup(int(base) + g.storage_offset() * g.element_size(), g.numel()))
+                dtypes.add(str(g.dtype).removeprefix("torch."))
+            partitions.append((path, groups))
+            del state, osd
+        if len(dtypes) > 1:
+            raise BridgeError(f"{tag_dir}: fp32 flat groups of mixed dtypes {sorted(dtypes)}.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
         offsets, offset = {}, 0
         for name, shape in param_shapes.items():
             offsets[name] = offset
             offset += math.ceil(math.prod(shape) / world_size)
-        have = sum(t.numel() for t in flat[0])
-        if have < offset:
-            raise BridgeError(
-                f"{tag_dir}: rank 0 holds {have} fp32 elements but param_shapes needs {offset}.",
-                fix="the checkpoint's rank files come from different runs; copy the whole global_stepN directory again",
-            )
-        return cls(tag_dir, world_size, param_shapes, offsets, flat, model_states.get("ds_version"))
+        for path, groups in partitions:
+            have = sum(g.numel for g in groups)
+            if have < offset:
+                raise BridgeError(
+                    f"{path}: holds {have} fp32 elements but param_shapes needs {offset}.",
+                    fix="the checkpoint's rank files come from different runs; copy the whole global_stepN directory again",
+                )
+        return cls(tag_dir, world_size, param_shapes, offsets, partitions, model_states.get("ds_version"), dtypes.pop() if dtypes else "float32")
 
-    def recover(self, name: str) -> Any:
-        """One parameter's fp32 values (a new tensor), gathered from every rank's partition."""
+    def recover(self, name: str, scratch: Any = None) -> Any:
+        """One parameter's fp32 values, gathered from every rank's partition.
+
+        A new tensor, or a view into ``scratch`` (a large enough uint8 tensor) valid until its next use.
+        """
         import torch
 
         shape = self.param_shapes[name]
         numel = math.prod(shape)
         chunk = math.ceil(numel / self.world_size)
-        start = self.offsets[name]
-        pieces = [_slice_groups(groups, start, chunk) for groups in self.flat]
-        out = torch.cat(pieces)  # a fresh tensor: nothing below still points into the mapping
-        out = out[:numel].view(shape) if out.numel() == numel else out[:numel].clone().view(shape)
-        for piece in pieces:
-            _release_mapped_pages(piece)
-        return out
+        dtype = getattr(torch, self.dtype)
+        nbytes = chunk * self.world_size * dtype.itemsize
+        if scratch is not None and scratch.numel() >= nbytes:
+            out = scratch[:nbytes].view(dtype)
+        else:
+            out = torch.empty(chunk * self.world_size, dtype=dtype)
+        buf = memoryview(out.view(torch.uint8).numpy())
+        step = chunk * dtype.itemsize
+        for rank in range(self.world_size):
+            self._read(rank, self.offsets[name], chunk, buf[rank * step : (rank + 1) * step])
+        return out[:numel].view(shape)
+
+    def _read(self, rank: int, start: int, length: int, dest: memoryview) -> None:
+        """Elements [start, start+length) of a rank's groups read as one vector (a param may straddle two)."""
+        path, groups = self.partitions[rank]
+        fd = self._fds.get(rank)
+        if fd is None:
+            fd = self._fds[rank] = os.open(path, os.O_RDONLY)
+        size = len(dest) // length if length else 0
+        pos = 0
+        for g in groups:
+            lo, hi = max(start, pos), min(start + length, pos + g.numel)
+            if lo < hi:
+                part = dest[(lo - start) * size : (hi - start) * size]
+                if os.preadv(fd, [part], g.offset + (lo - pos) * size) != len(part):
+                    raise BridgeError(f"{path}: file ends inside an fp32 flat group (truncated?).", fix="copy the checkpoint again")
+            pos += g.numel
+            if pos >= start + length:
+                break
+
+    def close(self) -> None:
+        """Close the rank files (reopened on the next :meth:`recover`)."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
 
 
-def _release_mapped_pages(view: Any) -> None:
-    """Drop the file-backed pages under ``view`` from our resident set once copied out.
-
-    The flat groups are memory-mapped from the checkpoint (``torch.load(mmap=True)``, a private,
-    read-only-in-practice file mapping): pages we touched would otherwise stay resident until the
-    end, so recovering N GB would cost N GB of RSS. ``MADV_DONTNEED`` on clean file-backed pages
-    just unmaps them; touching them again re-reads the file. Linux only; elsewhere a no-op.
-    """
-    libc = _libc()
-    if libc is None:
-        return
-    page = mmap.PAGESIZE
-    addr = view.data_ptr()
-    lo = -(-addr // page) * page  # only pages wholly inside the view
-    hi = (addr + view.numel() * view.element_size()) // page * page
-    if hi > lo:
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
-
-
-@cache
-def _libc() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-def _slice_groups(groups: list[Any], start: int, length: int) -> Any:
-    """Elements [start, start+length) of a rank's groups read as one vector (a param may straddle two)."""
-    import torch
-
-    out, pos = [], 0
-    for g in groups:
-        n = g.numel()
-        lo, hi = max(start, pos), min(start + length, pos + n)
-        if lo < hi:
-            out.append(g.view(-1)[lo - pos : hi - pos])
-        pos += n
-        if pos >= start + length:
-            break
-    return torch.cat(out) if len(out) != 1 else out[0]
+def _require_plain_storage(path: Path) -> None:
+    """Flat groups are read as raw bytes at their zip offsets: they must be stored uncompressed, in this machine's byte order."""
+    with zipfile.ZipFile(path) as z:
+        order = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
+        stored = all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist() if "/data/" in i.filename)
+        if (order is not None and z.read(order).strip().decode() != sys.byteorder) or not stored:
+            raise BridgeError(f"{path}: tensor data compressed or in another byte order.", fix="re-save the checkpoint with torch.save on a machine of this byte order")
 
 
 def _rank_files(tag_dir: Path, kind: str) -> list[Path]:
@@ -239,5 +260,5 @@ def _rank_files(tag_dir: Path, kind: str) -> list[Path]:
     return [files[r] for r in ranks]
 
 
-def _load(path: Path, *, mmap: bool) -> Any:
-    return safe_torch_load(path, extra_globals=deepspeed_globals(), mmap=mmap)
+def _load(path: Path, *, map_location: str) -> Any:
+    return safe_torch_load(path, extra_globals=deepspeed_globals(), map_location=map_location)

@@ -27,11 +27,12 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 METADATA_KEY = "gemma4_bridge"
 
 
-def safe_torch_load(path: Path, *, extra_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
+def safe_torch_load(path: Path, *, extra_globals: Sequence[Any] = (), mmap: bool = False, map_location: str = "cpu") -> Any:
     """Load a pickle checkpoint with ``weights_only=True`` and only the globals a checkpoint needs.
 
     ``extra_globals`` widens the allow-list for one known file format (e.g. inert stand-ins for the
-    classes a DeepSpeed checkpoint names); ``mmap`` leaves tensor data on disk until touched.
+    classes a DeepSpeed checkpoint names); ``mmap`` leaves tensor data on disk until touched;
+    ``map_location="meta"`` reads no tensor data at all (storages carry their file offset).
     """
     import torch
 
@@ -42,7 +43,7 @@ def safe_torch_load(path: Path, *, extra_globals: Sequence[Any] = (), mmap: bool
         allowed.append(OrderedDict)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
         raise BridgeError(
             f"{path}: refused to load this pickle file ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}).",
