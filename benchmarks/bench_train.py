@@ -110,15 +110,13 @@ def bench(name: str, source: Any, steps: int, batch: int, seq: int) -> float:
 
 
 def _guard_cost_us(peft_model: Any, calls: int = 2000) -> float:
-    """The wrapper's only per-step work, timed alone: the KV-sharing guard's forward pre-hook."""
-    from gemma4_bridge.train import _text_decoder
-
-    decoder = _text_decoder(peft_model.get_base_model())
-    hooks = list(decoder._forward_pre_hooks.values())
+    """The wrapper's only per-step work, timed alone: the reentrant-checkpointing guard's forward pre-hook."""
+    model = peft_model.get_base_model()
+    hooks = list(model._forward_pre_hooks.values())
     start = time.perf_counter()
     for _ in range(calls):
         for hook in hooks:
-            hook(decoder, ())
+            hook(model, ())
     return (time.perf_counter() - start) / calls * 1e6
 
 

@@ -455,7 +455,7 @@ def check_gradients(report: Report, base: torch.nn.Module, batch: dict[str, torc
     """d. Reentrant checkpointing after prepare_model is made exact; without the wrapper it is not."""
     from peft import get_peft_model
 
-    from gemma4_bridge.train import KVSharingCheckpointWarning, layout_of, lora_config
+    from gemma4_bridge.train import ReentrantCheckpointWarning, layout_of, lora_config
 
     layout = layout_of(base)
     config = lora_config(base, lora_spec())
@@ -480,8 +480,8 @@ def check_gradients(report: Report, base: torch.nn.Module, batch: dict[str, torc
 
     reference, _ = run(prepare=False, checkpoint=False)
     fixed, caught = run(prepare=True, checkpoint=True)
-    warned = [w for w in caught if issubclass(w.category, KVSharingCheckpointWarning)]
-    report.check("guard_warns_kv_sharing", bool(warned), f"{len(warned)} KVSharingCheckpointWarning", ">= 1")
+    warned = [w for w in caught if issubclass(w.category, ReentrantCheckpointWarning)]
+    report.check("guard_warns_kv_sharing", bool(warned), f"{len(warned)} ReentrantCheckpointWarning", ">= 1")
 
     errors, zero = grad_errors(fixed, reference)
     # The vision encoder layers are checkpointed too, before the text decoder runs; they are reported apart.

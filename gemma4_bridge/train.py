@@ -7,12 +7,14 @@ Four things go silently wrong when Gemma 4 is LoRA-trained with the stock stack;
   rewrites any target spec into explicit module paths resolved against :class:`Gemma4Layout`, with
   tower sites pointing at the inner ``...q_proj.linear``. Stock PEFT then wraps a plain ``nn.Linear``
   *inside* the clamp, exactly where a merged weight acts, and reloads with no custom registration.
-* KV sharing: on transformers 5.5.0/5.5.1 the KV-shared layers read garbage K/V whenever
-  ``use_cache=False`` (TRL always sets it), so :func:`prepare_model` refuses those versions. With
-  *reentrant* gradient checkpointing the K/V that ``store`` layers hand to the shared layers are
-  produced without grad tracking: the loss is right but gradients are not. :func:`prepare_model`
-  installs a guard that switches the decoder to non-reentrant checkpointing (with a warning) whoever
-  enabled it, including TRL's forced ``use_reentrant=True`` for PEFT + DeepSpeed ZeRO-3.
+* KV sharing and the vision tower: on transformers 5.5.0/5.5.1 the KV-shared layers read garbage K/V
+  whenever ``use_cache=False`` (TRL always sets it), so :func:`prepare_model` refuses those versions.
+  *Reentrant* gradient checkpointing breaks two more things silently: the K/V that ``store`` layers
+  hand to the shared layers are produced without grad tracking (the loss is right, the gradients are
+  not), and the vision encoder's checkpointed layers see inputs that do not require grad, so every
+  vision-tower LoRA gets no gradient at all. :func:`prepare_model` installs a guard that switches all
+  checkpointed layers to non-reentrant (with a warning) whoever enabled it, including TRL's forced
+  ``use_reentrant=True`` for PEFT + DeepSpeed ZeRO-3.
 * Audio attention mask: under ``attn_implementation="eager"`` transformers builds the audio tower's
   mask as an additive float mask, which ``Gemma4AudioAttention`` reads as boolean
   (``masked_fill(mask.logical_not())``): the tower attends exactly where it should not.
@@ -58,8 +60,8 @@ class AudioAttentionMaskWarning(UserWarning):
     """The audio tower was switched from the eager mask (read inverted) to the sdpa mask."""
 
 
-class KVSharingCheckpointWarning(UserWarning):
-    """Reentrant gradient checkpointing was switched to non-reentrant on a KV-sharing Gemma 4."""
+class ReentrantCheckpointWarning(UserWarning):
+    """Reentrant gradient checkpointing was switched to non-reentrant (KV-sharing layers, vision tower)."""
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -96,10 +98,9 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     layout = layout_of(base)
     check_transformers_version(layout)
     repair_audio_attention_mask(base)
-    if layout.kv_shared_layers and not getattr(base, _GUARD_ATTR, None):
-        decoder = _text_decoder(base)
-        guard = _KVSharingCheckpointGuard(layout)
-        handle = decoder.register_forward_pre_hook(guard)
+    if (layout.kv_shared_layers or "vision" in layout.towers) and not getattr(base, _GUARD_ATTR, None):
+        _text_decoder(base)  # fail early on a model that is not a Gemma 4 transformers model
+        handle = base.register_forward_pre_hook(_ReentrantCheckpointGuard(layout))
         object.__setattr__(base, _GUARD_ATTR, handle)  # not an nn.Module attribute: keep it out of state
     object.__setattr__(base, _LAYOUT_ATTR, layout)
     return model
@@ -145,11 +146,13 @@ def check_transformers_version(layout: Gemma4Layout, version: str | None = None)
         )
 
 
-class _KVSharingCheckpointGuard:
-    """Forward pre-hook on the text decoder: before each training forward, make checkpointing non-reentrant.
+class _ReentrantCheckpointGuard:
+    """Forward pre-hook on the whole model: before each training forward, make checkpointing non-reentrant.
 
     Checking at forward time (not at ``gradient_checkpointing_enable``) catches every way of turning
-    checkpointing on: the user, ``transformers.Trainer``, and TRL's forced ``use_reentrant=True``.
+    checkpointing on: the user, ``transformers.Trainer``, and TRL's forced ``use_reentrant=True``. The
+    hook sits on the top-level model so the vision encoder's layers, which run before the text
+    decoder, are switched too.
     """
 
     def __init__(self, layout: Gemma4Layout) -> None:
@@ -157,38 +160,50 @@ class _KVSharingCheckpointGuard:
         self.warned = False
         self.checkpointable: list[torch.nn.Module] | None = None
 
-    def __call__(self, decoder: torch.nn.Module, args: Any) -> None:
-        if not decoder.training:
+    def __call__(self, model: torch.nn.Module, args: Any) -> None:
+        if not model.training:
             return
         if self.checkpointable is None:  # the module tree is fixed once PEFT has wrapped it
-            self.checkpointable = [m for m in decoder.modules() if hasattr(m, "gradient_checkpointing")]
+            self.checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         for module in self.checkpointable:
             if not module.gradient_checkpointing:
                 continue
             func = getattr(module, "_gradient_checkpointing_func", None)
             if func is None or not _is_reentrant(func):
                 continue
-            module._gradient_checkpointing_func = self._non_reentrant(func, decoder)
+            module._gradient_checkpointing_func = self._non_reentrant(func, model)
 
-    def _non_reentrant(self, func: Callable[..., Any], decoder: torch.nn.Module) -> Callable[..., Any]:
+    def _reasons(self) -> list[str]:
+        reasons = []
+        if self.layout.kv_shared_layers:
+            reasons.append(
+                f"layers {list(self.layout.kv_shared_layers)} reuse the K/V of layers {list(self.layout.kv_store_layers)}, "
+                "which reentrant checkpointing recomputes without grad tracking (the loss is right, the gradients "
+                "of every layer up to the K/V-storing ones are wrong)"
+            )
+        if "vision" in self.layout.towers:
+            reasons.append(
+                "the vision encoder's checkpointed layers get inputs that do not require grad, so reentrant "
+                "checkpointing gives every vision-tower LoRA no gradient at all"
+            )
+        return reasons
+
+    def _non_reentrant(self, func: Callable[..., Any], model: torch.nn.Module) -> Callable[..., Any]:
         if not isinstance(func, functools.partial):
             raise BridgeError(
                 "gradient checkpointing on this Gemma 4 uses a custom checkpoint function that gemma4-bridge cannot "
-                f"inspect; if it is reentrant, the K/V-storing layers {list(self.layout.kv_store_layers)} get wrong "
-                "gradients from the KV-shared layers.",
+                "inspect; if it is reentrant, training is silently wrong: " + "; and ".join(self._reasons()) + ".",
                 fix="enable checkpointing with model.gradient_checkpointing_enable("
                 "gradient_checkpointing_kwargs={'use_reentrant': False})",
             )
-        _require_zero3_recompute_support(decoder)
+        _require_zero3_recompute_support(model)
         if not self.warned:
             self.warned = True
             message = (
-                f"Gemma 4 layers {list(self.layout.kv_shared_layers)} reuse the K/V of layers "
-                f"{list(self.layout.kv_store_layers)}; with reentrant gradient checkpointing those K/V are recomputed "
-                "without grad tracking, so the loss is right but the gradients of every layer up to the K/V-storing "
-                "ones are wrong. gemma4-bridge switched checkpointing to use_reentrant=False (exact)."
+                "Gemma 4 with reentrant gradient checkpointing trains wrong: " + "; and ".join(self._reasons())
+                + ". gemma4-bridge switched checkpointing to use_reentrant=False (exact)."
             )
-            warnings.warn(message, KVSharingCheckpointWarning, stacklevel=2)
+            warnings.warn(message, ReentrantCheckpointWarning, stacklevel=2)
         return functools.partial(func.func, *func.args, **{**func.keywords, "use_reentrant": False})
 
 

@@ -24,7 +24,7 @@ from gemma4_bridge.fixtures import load_tiny_model
 from gemma4_bridge.layout import Gemma4Layout
 from gemma4_bridge.names import resolve_key
 from gemma4_bridge.train import (
-    KVSharingCheckpointWarning,
+    ReentrantCheckpointWarning,
     check_transformers_version,
     layout_of,
     lora_config,
@@ -279,7 +279,7 @@ def test_reentrant_checkpointing_is_switched_off(tiny_dir: Path) -> None:
     # Measured bug: store layers' k/v LoRA (layer 2 stores for layer 3) get wrong gradients.
     assert broken["base_model.model.model.language_model.layers.2.self_attn.k_proj.lora_A.default.weight"] > 0.1
     torch.manual_seed(0)
-    with pytest.warns(KVSharingCheckpointWarning, match="use_reentrant=False"):
+    with pytest.warns(ReentrantCheckpointWarning, match="use_reentrant=False"):
         fixed = _rel_errors(run(prepare=True, checkpoint=True), reference)
     assert max(fixed.values()) < 1e-5, fixed
 
@@ -423,7 +423,7 @@ def test_sft_reentrant_request_is_repaired(tiny_dir: Path, processor: Any, tmp_p
     _, reference = _sft(tiny_dir, processor, "text", tmp_path / "ref", gradient_checkpointing=False)
     _, stock = _sft(tiny_dir, processor, "text", tmp_path / "stock", wrapper=False, **reentrant)
     assert max(_rel_errors(stock.grads, reference.grads).values()) > 0.1  # the silent bug, measured
-    with pytest.warns(KVSharingCheckpointWarning):
+    with pytest.warns(ReentrantCheckpointWarning):
         _, fixed = _sft(tiny_dir, processor, "text", tmp_path / "fixed", **reentrant)
     errors = _rel_errors(fixed.grads, reference.grads)
     assert max(errors.values()) < 1e-5, errors
@@ -488,3 +488,32 @@ def test_eager_audio_mask_is_repaired(tiny_dir: Path, mm_batch: dict[str, torch.
         prepare_model(eager)
     assert eager.config.text_config._attn_implementation == "eager"  # text attention untouched
     _assert_agree(_logits(eager, mm_batch), reference)
+
+
+def test_vision_lora_trains_under_reentrant_checkpointing(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:
+    """Reentrant checkpointing gives vision-tower LoRA no gradient (its inputs need no grad); the guard fixes it."""
+    # q/k are left out: on the tiny tower their gradients are ~1e-9 (saturated attention), i.e. noise.
+    vision = r".*vision_tower.*\.(v_proj|o_proj|gate_proj|up_proj|down_proj)\.linear"
+
+    def grads(prepare: bool, checkpoint: bool) -> dict[str, torch.Tensor | None]:
+        model = load_tiny_model(tiny_dir)
+        if prepare:
+            prepare_model(model)
+        torch.manual_seed(0)  # the same random LoRA init in every run
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=vision, init_lora_weights=False)).train()
+        if checkpoint:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            peft_model.enable_input_require_grads()
+        peft_model(**mm_batch, labels=mm_batch["input_ids"], use_cache=False).loss.backward()
+        return {n: (p.grad.clone() if p.grad is not None else None) for n, p in peft_model.named_parameters() if "lora_" in n}
+
+    reference = grads(prepare=False, checkpoint=False)
+    assert reference and all(g is not None and g.norm() > 1e-3 for g in reference.values())
+    broken = grads(prepare=False, checkpoint=True)
+    assert all(g is None for g in broken.values()), "stock reentrant checkpointing should starve the vision LoRA"
+    with pytest.warns(ReentrantCheckpointWarning, match="vision-tower LoRA"):
+        fixed = grads(prepare=True, checkpoint=True)
+    for name, want in reference.items():
+        got = fixed[name]
+        assert got is not None, name
+        assert float((got - want).norm() / want.norm()) < 1e-5, name
