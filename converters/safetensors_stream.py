@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,20 +73,69 @@ def write_streaming(
     raw += b" " * (-len(raw) % 8)
     with path.open("wb", buffering=0) as f:
         _write_all(f, len(raw).to_bytes(8, "little") + raw)
-        for spec in specs:
-            tensor = produce(spec)
-            if isinstance(tensor, memoryview):
-                if tensor.nbytes != spec.nbytes:
-                    raise ValueError(f"{spec.name}: produced {tensor.nbytes} bytes, header promised {spec.nbytes}")
-                data = tensor
-            else:
-                got = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
-                if got != (spec.shape, spec.dtype):
-                    raise ValueError(f"{spec.name}: produced {got}, header promised {(spec.shape, spec.dtype)}")
-                data = memoryview(tensor.contiguous().view(-1).view(_u8()).numpy()) if spec.nbytes else memoryview(b"")
-            _write_all(f, data)
-            if on_written is not None:
-                on_written(spec)
+        writer = _BackgroundWriter(f)
+        try:
+            for spec in specs:
+                tensor = produce(spec)
+                if isinstance(tensor, memoryview):
+                    if tensor.nbytes != spec.nbytes:
+                        raise ValueError(f"{spec.name}: produced {tensor.nbytes} bytes, header promised {spec.nbytes}")
+                    writer.put(tensor)
+                else:
+                    got = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                    if got != (spec.shape, spec.dtype):
+                        raise ValueError(f"{spec.name}: produced {got}, header promised {(spec.shape, spec.dtype)}")
+                    writer.put(memoryview(tensor.contiguous().view(-1).view(_u8()).numpy()) if spec.nbytes else memoryview(b""))
+                    writer.drain()  # the tensor may live in a buffer that the next produce() reuses
+                if on_written is not None:
+                    on_written(spec)
+            writer.drain()
+        finally:
+            writer.close()
+
+
+class _BackgroundWriter:
+    """Writes buffers to ``f`` in order on one thread, so the next tensor is produced (read and
+    checked) while the previous one is written: on a second core the check costs no wall time.
+
+    A raw buffer stays valid while queued (a view keeps its memory map alive); a tensor's bytes
+    may sit in a reused buffer, so the caller drains before producing the next one.
+    """
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: BaseException | None = None
+        self.queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=8)
+        self.thread = threading.Thread(target=self._run, name="write_streaming", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:  # after an error, keep consuming so put() never blocks
+                    _write_all(self.f, item)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                self.error = exc
+            finally:
+                self.queue.task_done()
+
+    def put(self, data: memoryview) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(data)
+
+    def drain(self) -> None:
+        """Wait until everything queued is written; raise a write error here."""
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
 
 
 def _write_all(f: Any, data: Any) -> None:
