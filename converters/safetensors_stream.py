@@ -85,8 +85,11 @@ def write_streaming(
                     got = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
                     if got != (spec.shape, spec.dtype):
                         raise ValueError(f"{spec.name}: produced {got}, header promised {(spec.shape, spec.dtype)}")
-                    writer.put(memoryview(tensor.contiguous().view(-1).view(_u8()).numpy()) if spec.nbytes else memoryview(b""))
-                    writer.drain()  # the tensor may live in a buffer that the next produce() reuses
+                    # Written here, after what is queued: the tensor may live in a buffer that the next
+                    # produce() reuses, and a hand-off per tensor would cost more than it overlaps.
+                    writer.drain()
+                    if spec.nbytes:
+                        _write_all(f, tensor.contiguous().view(-1).view(_u8()).numpy())
                 if on_written is not None:
                     on_written(spec)
             writer.drain()
@@ -98,8 +101,7 @@ class _BackgroundWriter:
     """Writes buffers to ``f`` in order on one thread, so the next tensor is produced (read and
     checked) while the previous one is written: on a second core the check costs no wall time.
 
-    A raw buffer stays valid while queued (a view keeps its memory map alive); a tensor's bytes
-    may sit in a reused buffer, so the caller drains before producing the next one.
+    Only raw buffers are queued: a view stays valid while queued (it keeps its memory map alive).
     """
 
     def __init__(self, f: Any) -> None:
