@@ -77,24 +77,34 @@ def run_zero3_job(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={world_size}", f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
-        "-m", "gemma4_bridge.zero3_job",
-    ]  # fmt: skip
     # Worker arguments travel in the environment: torch.distributed.run would parse "--r" as its own.
-    env[_WORKER_ENV] = json.dumps(
+    payload = json.dumps(
         {"model_dir": str(model_dir), "out": str(out), "steps": steps, "r": r, "lora_alpha": lora_alpha, "dtype": dtype,
          "exclude_modules": exclude_modules}
-    )
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    )  # fmt: skip
+    proc = launch_cpu_ranks(["-m", "gemma4_bridge.zero3_job"], world_size=world_size, env={_WORKER_ENV: payload}, timeout_s=timeout_s)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"ZeRO-3 job failed (exit {proc.returncode}):\n{tail}")
     damaged = out / f"checkpoint-{steps}"
     return Zero3JobResult(out, damaged, damaged, out / "reference_adapter", steps, world_size)
+
+
+def launch_cpu_ranks(
+    entry: list[str], *, world_size: int, env: dict[str, str] | None = None, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``entry`` (``["-m", "module"]`` or ``[script, *args]``) as ``world_size`` local CPU ranks.
+
+    torch.distributed.run on 127.0.0.1 with one OpenMP thread per rank and DeepSpeed's CPU
+    accelerator: what a real multi-rank ZeRO-3 job needs on a box without GPUs. Output is captured.
+    """
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **(env or {}))
+    full_env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={world_size}", f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *entry,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout_s)
 
 
 def _free_port() -> int:

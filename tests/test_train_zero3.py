@@ -17,9 +17,6 @@ weights independently with ``safe_get_full_fp32_param`` (the optimizer's fp32 pa
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,21 +132,12 @@ def _worker(model_dir: Path, out: Path) -> None:
 
 
 # -- the test (runs in pytest) ------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def zero3_training(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train_zero3")
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", __file__, str(tiny_dir), str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    from gemma4_bridge.zero3_job import launch_cpu_ranks
+
+    proc = launch_cpu_ranks([__file__, str(tiny_dir), str(out)], world_size=2, env={"DS_ACCELERATOR": "cpu"}, timeout_s=420)
     if proc.returncode != 0:
         lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[rank0]")]
         pytest.fail("ZeRO-3 job failed:\n" + "\n".join(lines[-40:] or (proc.stdout + proc.stderr).splitlines()[-40:]))
