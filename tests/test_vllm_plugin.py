@@ -152,3 +152,36 @@ def test_cpu_lora_kernels_ignore_tokens_without_adapter() -> None:
     lora_ops.bgmv_shrink(x, weights, fixed, slots, 1.0)  # the installed (wrapped) kernel
     assert torch.equal(fixed[1], torch.zeros(4))
     assert torch.allclose(fixed[[0, 2]], upstream[[0, 2]])
+
+
+def test_cpu_lora_kernels_mask_only_steps_with_unadapted_tokens() -> None:
+    """The slot test runs once per step (in the punica wrapper's update), not per kernel call."""
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    from gemma4_bridge.plugins.vllm import register
+
+    register()
+    assert PunicaWrapperCPU.update_metadata is hooks._track_unadapted_rows
+    weights = torch.randn(2, 1, 4, 8)
+    x = torch.randn(3, 8)
+    seen: list[torch.Tensor] = []
+
+    def kernel(inputs: torch.Tensor, *args: object) -> None:
+        seen.append(inputs)
+        hooks.upstream("cpu_bgmv_shrink")(inputs, *args)
+
+    masked = hooks._mask_no_adapter_tokens(kernel)
+    punica = PunicaWrapperCPU(max_num_batched_tokens=8, max_batches=4, device="cpu")
+    # Every token has an adapter (ids 7 and 9 in slots 0 and 1): inputs pass through untouched.
+    punica.update_metadata(LoRAMapping((7, 9, 9), (7, 9, 9)), [7, 9], 2, 512)
+    assert punica.token_lora_indices.tolist() == [0, 1, 1] and not hooks._MASK_SLOTS[0]
+    masked(x, weights, torch.zeros(3, 4), punica.token_lora_indices, 1.0)
+    assert seen[-1] is x
+    # One token without an adapter (id 0, slot -1): masked again, and that row gets no delta.
+    punica.update_metadata(LoRAMapping((7, 0, 9), (7, 0, 9)), [7, 9], 2, 512)
+    assert punica.token_lora_indices.tolist() == [0, -1, 1] and hooks._MASK_SLOTS[0]
+    out = torch.zeros(3, 4)
+    masked(x, weights, out, punica.token_lora_indices, 1.0)
+    assert seen[-1] is not x and torch.equal(out[1], torch.zeros(4))
+    assert torch.allclose(out[2], x[2] @ weights[1, 0].T)
