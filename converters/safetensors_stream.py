@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import queue
 import threading
 import warnings
@@ -223,6 +224,11 @@ class SafetensorsReader:
             lo = start - start % mmap.ALLOCATIONGRANULARITY
             hi = max(end, min(lo + self.WINDOW, self.data_end))
             with self.path.open("rb") as f:
+                # Touching a mapped page past the end of the file kills the process (SIGBUS), so a
+                # file truncated since its header was checked must fail here, as a clear error.
+                size = os.fstat(f.fileno()).st_size
+                if size < hi:
+                    raise ValueError(f"{name}: tensor data ends at byte {hi} but the file now has {size} bytes (truncated?)")
                 m = mmap.mmap(f.fileno(), hi - lo, prot=mmap.PROT_READ, offset=lo)
             with warnings.catch_warnings():  # read-only on purpose: the tensor is only read
                 warnings.simplefilter("ignore", UserWarning)

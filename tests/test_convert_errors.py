@@ -52,6 +52,26 @@ def test_truncated_safetensors(capsys, tmp_path, all_linear_adapter, tiny_dir) -
     assert_refused(capsys, bad, tiny_dir, str(weights), "truncated")
 
 
+def test_truncated_while_converting(capsys, tmp_path, all_linear_adapter, tiny_dir, monkeypatch) -> None:
+    """Truncated after its header was checked (another process rewriting it): an error, not a SIGBUS
+    from touching mapped pages past the end of the file."""
+    import gemma4_bridge.converters.convert as convert_mod
+
+    bad = copy_adapter(all_linear_adapter, tmp_path / "shrinking")
+    weights = bad / "adapter_model.safetensors"
+    planned = convert_mod.plan
+
+    def plan_then_truncate(*args, **kwargs):
+        result = planned(*args, **kwargs)
+        os.truncate(weights, weights.stat().st_size - 1000)  # the other process, between check and read
+        return result
+
+    monkeypatch.setattr(convert_mod, "plan", plan_then_truncate)
+    code, _, err = run_cli(capsys, "convert", str(bad), "-o", str(tmp_path / "out"), "--base", str(tiny_dir))
+    assert code == 2 and "truncated" in err and str(weights) in err and "Fix:" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_corrupt_safetensors_header(capsys, tmp_path, all_linear_adapter, tiny_dir) -> None:
     bad = copy_adapter(all_linear_adapter, tmp_path / "corrupt")
     weights = bad / "adapter_model.safetensors"
