@@ -442,7 +442,10 @@ class _Planner:
                 self.flavour("no-peft-prefix")
             res = self._resolve(key)
             assert res is not None
-            if res.variant not in ("transformers", "unknown"):
+            # A naming row that only restates the base's own naming (causal-LM keys on a text-only
+            # Gemma4ForCausalLM base) is not a flavour to fix.
+            own_naming = res.site is not None and parsed.module.removesuffix(".linear") == res.site.model_path.removesuffix(".linear")
+            if res.variant not in ("transformers", "unknown") and not own_naming:
                 self.flavour(f"{res.variant}-naming")
             if res.added_linear:
                 self.flavour("custom-clippable")
@@ -659,10 +662,10 @@ class _Planner:
     def _canonical_config(self, modules: list[ModuleDelta]) -> dict[str, Any]:
         config = {k: v for k, v in self.config.items() if k not in SELECTION_FIELDS}
         r, alpha = int(self.config.get("r", 8)), float(self.config.get("lora_alpha", 8))
-        config["target_modules"] = sorted(m.site.path for m in modules)
-        config["rank_pattern"] = {m.site.path: m.rank for m in sorted(modules, key=lambda m: m.site.path) if m.rank != r}
+        config["target_modules"] = sorted(m.site.model_path for m in modules)
+        config["rank_pattern"] = {m.site.model_path: m.rank for m in sorted(modules, key=lambda m: m.site.path) if m.rank != r}
         config["alpha_pattern"] = {
-            m.site.path: _int_if_whole(m.alpha) for m in sorted(modules, key=lambda m: m.site.path) if m.alpha != alpha
+            m.site.model_path: _int_if_whole(m.alpha) for m in sorted(modules, key=lambda m: m.site.path) if m.alpha != alpha
         }
         config["modules_to_save"] = None
         config["peft_type"] = "LORA"

@@ -35,12 +35,6 @@ class MergeResult:
     shards: int
 
 
-def checkpoint_weight_name(layout: Gemma4Layout, delta: ModuleDelta) -> str:
-    """The base checkpoint's tensor that receives the delta (text-only checkpoints drop ``language_model``)."""
-    name = f"{delta.site.path}.weight"
-    if layout.config.get("model_type") == "gemma4_text":
-        name = name.replace("model.language_model.", "model.", 1)
-    return name
 
 
 def merge_adapter(
@@ -61,7 +55,7 @@ def merge_adapter(
     p.raise_if_broken()
     if out_path.exists() and not force:
         raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
-    deltas = {checkpoint_weight_name(layout, m): m for m in p.modules}
+    deltas = {f"{m.site.model_path}.weight": m for m in p.modules}
     shards = sorted(base_dir.glob("*.safetensors"))
     headers = {shard: read_safetensors_header(shard) for shard in shards}
     found = {name for h in headers.values() for name in h if name != "__metadata__"}

@@ -56,6 +56,9 @@ class TinySpec:
     finite_clip_bounds: bool = True
     double_wide_mlp: bool = False  # use_double_wide_mlp: KV-shared layers get a 2x intermediate MLP
     dtype: str = "float32"
+    # Save a text-only Gemma4ForCausalLM (model_type gemma4_text, ``model.layers.N`` naming) instead
+    # of the multimodal class; needs vision=False, audio=False.
+    causal_lm: bool = False
 
     def layer_types(self) -> list[str]:
         # Each attention kind keeps a non-shared layer before the shared tail, and the last is full.
@@ -193,9 +196,19 @@ def build_tiny_gemma4(out_dir: str | os.PathLike[str], spec: TinySpec | None = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
-    config = Gemma4Config(**{k: v for k, v in tiny_config_dict(spec).items() if k not in ("architectures", "model_type")})
-    config.architectures = ["Gemma4ForConditionalGeneration"]
-    model = Gemma4ForConditionalGeneration(config).eval()
+    config_dict = {k: v for k, v in tiny_config_dict(spec).items() if k not in ("architectures", "model_type")}
+    if spec.causal_lm:
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+        if spec.vision or spec.audio:
+            raise ValueError("a Gemma4ForCausalLM fixture has no towers: use variant(causal_lm=True, vision=False, audio=False)")
+        config = Gemma4TextConfig(**config_dict["text_config"])
+        config.architectures = ["Gemma4ForCausalLM"]
+        model = Gemma4ForCausalLM(config).eval()
+    else:
+        config = Gemma4Config(**config_dict)
+        config.architectures = ["Gemma4ForConditionalGeneration"]
+        model = Gemma4ForConditionalGeneration(config).eval()
     with torch.no_grad():
         # Random init leaves some weights at exactly 0 or 1 (norms); perturb so every weight matters.
         for name, param in model.named_parameters():
@@ -248,6 +261,8 @@ def reference_attn_implementation(model_dir: str | os.PathLike[str]) -> dict[str
     only the mask differs. vLLM builds the tower with "sdpa", i.e. correctly.
     """
     config = json.loads(Path(model_dir, "config.json").read_text())
+    if config.get("model_type") == "gemma4_text":
+        return {"": "eager"}
     impl = {"text_config": "eager"}
     if config.get("vision_config"):
         impl["vision_config"] = "eager"
@@ -260,11 +275,11 @@ def load_tiny_model(model_dir: str | os.PathLike[str]) -> Any:
     """Load a fixture (or any Gemma 4 dir) in float32, eager attention (audio: see
     :func:`reference_attn_implementation`): bitwise-reproducible logits."""
     import torch
-    from transformers import Gemma4ForConditionalGeneration
+    from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
-    return Gemma4ForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation=reference_attn_implementation(model_dir)
-    ).eval()
+    text_only = json.loads(Path(model_dir, "config.json").read_text()).get("model_type") == "gemma4_text"
+    cls = Gemma4ForCausalLM if text_only else Gemma4ForConditionalGeneration
+    return cls.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=reference_attn_implementation(model_dir)).eval()
 
 
 def write_peft_adapter(

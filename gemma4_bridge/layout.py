@@ -52,6 +52,13 @@ class LinearSite:
     clippable: bool  # the Linear is ``Gemma4ClippableLinear.linear``: its delta must act inside the clamp
     token_wise: bool = True
     has_bias: bool = False
+    # The module's name in the base's own model class, where adapter keys and target_modules must
+    # point: ``path`` itself, except in a text-only ``Gemma4ForCausalLM`` (``model.layers.N...``).
+    model_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            object.__setattr__(self, "model_path", self.path)
 
     @property
     def wrapper_path(self) -> str:
@@ -193,6 +200,7 @@ class Gemma4Layout:
                 clippable=is_clippable,
                 token_wise=not NON_TOKEN_LINEARS.search(path),
                 has_bias=f"{path}.bias" in shapes,
+                model_path=_causal_lm_name(path) if model_type == "gemma4_text" else path,
             )
         return cls(
             text_layers=text_layers,
@@ -264,6 +272,11 @@ def _has_prefix(shapes: Mapping[str, Any], component: Component) -> bool:
 def _to_multimodal_names(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """A text-only ``Gemma4ForCausalLM`` checkpoint names layers ``model.layers.N``; use one naming."""
     return {re.sub(r"^model\.", "model.language_model.", k): v for k, v in shapes.items()}
+
+
+def _causal_lm_name(path: str) -> str:
+    """Back from the one naming to the text-only checkpoint's own (inverse of _to_multimodal_names)."""
+    return re.sub(r"^model\.language_model\.", "model.", path)
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

@@ -24,7 +24,8 @@ MODULE_PATH_VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("transformers", re.compile(r"^(model\.(?:language_model|vision_tower|audio_tower|embed_vision|embed_audio)\..*)$"), r"\1"),
     ("vllm", re.compile(r"^language_model\.model\.(.*)$"), r"model.language_model.\1"),
     ("vllm", re.compile(r"^(vision_tower|audio_tower|embed_vision|embed_audio)\.(.*)$"), r"model.\1.\2"),
-    ("causal-lm", re.compile(r"^model\.(layers\..*)$"), r"model.language_model.\1"),
+    # Gemma4ForCausalLM: the decoder layers and the per-layer-input projection sit right under ``model``.
+    ("causal-lm", re.compile(r"^model\.(layers\..*|per_layer_model_projection)$"), r"model.language_model.\1"),
     ("bare", re.compile(r"^(language_model|vision_tower|audio_tower)\.(layers\..*|encoder\..*)$"), r"model.\1.\2"),
 )
 _KEY = re.compile(
@@ -79,7 +80,8 @@ def canonical_module_path(module: str) -> tuple[str, str]:
 
 
 def canonical_key(site: LinearSite, part: str, kind: str = "weight") -> str:
-    return f"{PEFT_PREFIX}{site.path}.{part}.{kind}"
+    """The key of ``site``'s LoRA tensor as PEFT writes it for the base's own model class."""
+    return f"{PEFT_PREFIX}{site.model_path}.{part}.{kind}"
 
 
 def resolve_key(key: str, layout: Gemma4Layout) -> Resolution | None:

@@ -139,13 +139,13 @@ def prepare_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext) ->
         a, b = p.load(module.a), p.load(module.b)
         tensors[module.a.key], tensors[module.b.key] = a, b
         if module.site.text_layer in k_eq_v and module.site.path.endswith(".self_attn.k_proj"):
-            v_path = module.site.path.removesuffix("k_proj") + "v_proj"
+            v_path = module.site.model_path.removesuffix("k_proj") + "v_proj"
             # Copies, not aliases: vLLM scales lora_B in place per module (LoRALayerWeights.optimize),
             # so a shared tensor would be scaled twice (measured: K and V got 2x the delta).
             tensors[f"{PEFT_PREFIX}{v_path}.lora_A.weight"] = a.clone()
             tensors[f"{PEFT_PREFIX}{v_path}.lora_B.weight"] = b.clone()
             for pattern, value in ((rank_pattern, module.rank), (alpha_pattern, module.alpha)):
-                if module.site.path in pattern:
+                if module.site.model_path in pattern:
                     pattern[v_path] = value
             copies.append(v_path)
     config["rank_pattern"], config["alpha_pattern"] = rank_pattern, alpha_pattern
