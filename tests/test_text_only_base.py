@@ -79,3 +79,29 @@ def test_merge_into_causal_lm_checkpoint(causal_dir, causal_adapter, inputs, tmp
     reference = _peft_logits(causal_dir, causal_adapter, inputs, merge=True)
     assert torch.allclose(merged, reference, atol=1e-5), float((merged - reference).abs().max())
     assert json.loads((out / "config.json").read_text())["model_type"] == "gemma4_text"
+
+
+@pytest.mark.vllm
+def test_vllm_serves_causal_lm_base(causal_dir, causal_adapter, inputs, tmp_path, monkeypatch) -> None:
+    """vLLM builds the plugin's Gemma4ForCausalLM for this base; adapters in either naming match PEFT."""
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's env reads
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    mm_named = write_variant(causal_adapter, tmp_path / "mm", rename=lambda k: k.replace("base_model.model.model.", "base_model.model.model.language_model."))
+    llm = LLM(str(causal_dir), dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=2, seed=0, enable_lora=True, max_lora_rank=8)
+    try:
+        assert llm.apply_model(lambda m: type(m).__name__) == ["BridgeGemma4ForCausalLM"]
+        ids = inputs["text"]["input_ids"][0].tolist()
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        reference = torch.log_softmax(_peft_logits(causal_dir, causal_adapter, inputs)[0], -1)[torch.arange(len(ids) - 1), ids[1:]]
+        for lora_id, adapter in enumerate((causal_adapter, mm_named), start=1):
+            out = llm.generate([{"prompt_token_ids": ids}], params, lora_request=LoRARequest(f"a{lora_id}", lora_id, str(adapter)), use_tqdm=False)[0]
+            served = torch.tensor([e[t].logprob for e, t in zip(out.prompt_logprobs[1:], ids[1:], strict=True)])
+            assert float((served - reference).abs().max()) < 1e-3, (adapter.name, float((served - reference).abs().max()))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
