@@ -68,8 +68,17 @@ def adapters(tiny_dir: Path, text_adapter: Path, all_linear_adapter: Path, tmp_p
         "relative_k_proj": all_linear_adapter,
         "zero3_damaged": write_variant(text_adapter, root / "zero3_damaged",
                                        transform=lambda k, v: v[:0] if "layers.0." in k else v),  # fmt: skip
+        # One NaN in the last tensor: only a read of the values finds it (headers are fine).
+        "nan": write_variant(text_adapter, root / "nan", transform=_nan_in_last_layer),
         "rank_too_big": write_peft_adapter(tiny_dir, root / "rank16", r=16, target_modules=r".*language_model.*\.q_proj", seed=5),
     }
+
+
+def _nan_in_last_layer(key: str, value: torch.Tensor) -> torch.Tensor:
+    if "layers.4.mlp.down_proj.lora_B" in key:
+        value = value.clone()
+        value[0, 0] = float("nan")
+    return value
 
 
 def _keep_only(adapter: Path, needle: str) -> None:
@@ -100,7 +109,7 @@ def _lora(name: str, path: Path) -> Any:
     from vllm.lora.request import LoRARequest
 
     ids = {"text": 1, "towers": 2, "k_eq_v_only": 3, "adapter_name_keys": 4, "vllm_names": 5, "pickle": 6,
-           "kv_shared_extras": 7, "relative_k_proj": 8, "zero3_damaged": 9, "rank_too_big": 10}  # fmt: skip
+           "kv_shared_extras": 7, "relative_k_proj": 8, "zero3_damaged": 9, "rank_too_big": 10, "nan": 11}  # fmt: skip
     return LoRARequest(name, ids[name], str(path))
 
 
@@ -193,6 +202,7 @@ def test_mixed_batch_of_adapters(engine: Any, adapters: dict[str, Path], referen
         ("relative_k_proj", r"relative_k_proj: this linear acts on relative position embeddings.*gemma4-bridge merge"),
         ("zero3_damaged", r"zero elements.*ZeRO-3.*gemma4-bridge convert .* --zero3-checkpoint"),
         ("rank_too_big", r"rank 16, above the server's max_lora_rank 8.*--max-lora-rank 16"),
+        ("nan", r"layers\.4\.mlp\.down_proj\.lora_B\.weight has 1 NaN/Inf value"),
     ],
 )
 def test_bad_adapter_is_refused_per_request(engine: Any, adapters: dict[str, Path], reference: Any, name: str, message: str) -> None:
@@ -204,3 +214,22 @@ def test_bad_adapter_is_refused_per_request(engine: Any, adapters: dict[str, Pat
         _generate(engine, ("text",), _lora(name, adapters[name]))
     assert_parity(_generate(engine, ("text",))[0], reference(None, "text"), "base after a refused adapter")
 
+
+
+def test_front_end_predicts_every_lora_layer(engine: Any, tiny_dir: Path) -> None:
+    """The front end decides from the layout which modules vLLM builds LoRA layers for (every token-wise
+    linear, towers included with --enable-tower-connector-lora), so the worker's check against the
+    real LoRA layers never has to refuse anything. If vLLM starts or stops wrapping a module, this fails."""
+    from gemma4_bridge.layout import Gemma4Layout
+    from gemma4_bridge.plugins.vllm.adapter import vllm_module_name
+
+    layout = Gemma4Layout.from_model_dir(tiny_dir)
+    model = engine.apply_model(lambda m: m)[0]
+    from vllm.lora.layers import BaseLayerWithLoRA
+
+    wrapped = {n for n, mod in model.named_modules() if isinstance(mod, BaseLayerWithLoRA)}
+    predicted = {s.path for s in layout.linears.values() if s.token_wise}
+    served = {s.path for s in layout.linears.values() if vllm_module_name(s.path, model.hf_to_vllm_mapper, model.packed_modules_mapping, wrapped) in wrapped}
+    assert served == predicted, {"predicted, not wrapped": sorted(predicted - served), "wrapped, refused": sorted(served - predicted)}
+    lora_layers = {vllm_module_name(p, model.hf_to_vllm_mapper, model.packed_modules_mapping, wrapped) for p in predicted}
+    assert wrapped - lora_layers <= {"language_model.lm_head", "language_model.logits_processor"}, sorted(wrapped - lora_layers)

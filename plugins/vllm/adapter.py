@@ -98,6 +98,18 @@ def check_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext) -> C
     return p
 
 
+def check_values(p: CanonicalPlan) -> None:
+    """Read every tensor once (one at a time) and refuse NaN/Inf, as the worker's load would.
+
+    The front end runs this so that the worker never meets a bad value: there, any exception
+    stops the engine (an offline ``LLM.generate`` hangs on its next call)."""
+    try:
+        for entry in p.tensors:
+            p.load(entry)
+    finally:
+        p.close()
+
+
 def _check_sites(p: CanonicalPlan, ctx: ServingContext) -> None:
     non_token = [m.site for m in p.modules if not m.site.token_wise]
     if non_token:

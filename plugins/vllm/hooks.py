@@ -20,8 +20,11 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   when none has (the common case: every request names an adapter) instead of testing the slots on
   each of the ~80 kernel calls per step (measured 6-10% of decode on the tiny model).
 * ``InputProcessor._validate_lora`` (front end): a request naming a bad adapter is refused
-  there, from safetensors headers only, as a per-request validation error. Without it the adapter
-  would be loaded lazily inside the worker, where any exception kills the whole engine.
+  there, as a per-request validation error, by every check the worker would make (headers, then
+  each value once; cached per adapter file version). Without it the adapter would be loaded
+  lazily inside the worker, where any exception kills the whole engine. Which modules vLLM
+  builds LoRA layers for is predicted from the layout and flags; tests/test_vllm_engine.py checks
+  the prediction against the modules vLLM really wrapped.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 
 from gemma4_bridge.errors import BridgeError
 
-from .adapter import ServingContext, check_adapter, check_modules_wrapped, prepare_adapter, resolve_model_dir
+from .adapter import ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter, resolve_model_dir
 
 # (module, qualified name, parameters the wrapper passes on or reads)
 HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -267,7 +270,7 @@ def _validate_lora(self: Any, lora_request: Any) -> None:
     key = _stamp(lora_request.lora_path)
     if key not in _CHECKED:
         try:
-            check_adapter(lora_request.lora_path, ctx)
+            check_values(check_adapter(lora_request.lora_path, ctx))
             _CHECKED[key] = None
         except BridgeError as err:
             _CHECKED[key] = err
