@@ -5,7 +5,8 @@ same comparison where users scale: CUDA GPUs, vLLM's GPU LoRA kernels, NCCL. It 
 ``vllm.LLM`` with ``--tensor-parallel-size``, LoRA and tower LoRA enabled, checks that every worker
 built the plugin's class, and compares prompt log-probabilities with transformers + PEFT (float32,
 on the CPU) for the base model and each adapter, over a text prompt and an image / audio prompt for
-each tower the model has. Raw adapter flavours are served as saved (normalised in memory).
+each tower the model has, all in one batch (the towers encode in the same step). Raw adapter
+flavours are served as saved (normalised in memory).
 
 Needs ``pip install "gemma4-bridge[vllm]" peft`` and as many GPUs as --tp. With no --model it builds
 the tiny Gemma 4 of the test suite (KV-shared layers, k_eq_v, sliding/full head sizes, finite tower

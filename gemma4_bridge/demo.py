@@ -221,8 +221,9 @@ def max_logprob_diff(llm: Any, params: Any, prompts: dict[str, Any], request: An
 
         hf = PeftModel.from_pretrained(hf, reference).eval()
     worst = 0.0
-    for vllm_req, hf_inputs in prompts.values():
-        out = llm.generate([vllm_req], params, lora_request=request, use_tqdm=False)[0]
+    # One call: vLLM encodes the image and the audio clip in the same step, as a server does.
+    outs = llm.generate([vllm_req for vllm_req, _ in prompts.values()], params, lora_request=request, use_tqdm=False)
+    for out, (_, hf_inputs) in zip(outs, prompts.values(), strict=True):
         ids = hf_inputs["input_ids"][0].tolist()
         if list(out.prompt_token_ids) != ids:
             raise RuntimeError("vLLM and transformers tokenised the prompt differently")

@@ -91,16 +91,16 @@ def _keep_only(adapter: Path, needle: str) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_dir: Path, adapters: dict[str, Path]) -> Any:
     """HF + PEFT prompt log-probs per (adapter or None, prompt kind), computed once."""
-    cache: dict[tuple[str | None, str], Any] = {}
+    cache: dict[tuple[str | None, str, int], Any] = {}
 
-    def get(adapter: str | None, kind: str) -> Any:
-        if (adapter, kind) not in cache:
+    def get(adapter: str | None, kind: str, seed: int = 0) -> Any:
+        if (adapter, kind, seed) not in cache:
             source = None if adapter is None else adapters["text" if adapter in ("vllm_names", "pickle", "kv_shared_extras") else
                                                             "towers" if adapter == "adapter_name_keys" else adapter]  # fmt: skip
             model = hf_model(tiny_dir, source)
             for k in KINDS:
-                cache[(adapter, k)] = hf_prompt_logprobs(model, hf_inputs(tiny_dir, k))
-        return cache[(adapter, kind)]
+                cache[(adapter, k, seed)] = hf_prompt_logprobs(model, hf_inputs(tiny_dir, k, seed))
+        return cache[(adapter, kind, seed)]
 
     return get
 
@@ -116,9 +116,8 @@ def _lora(name: str, path: Path) -> Any:
 def _generate(engine: Any, kinds: tuple[str, ...], lora: Any = None) -> list[Any]:
     from vllm import SamplingParams
 
-    # One call per prompt kind: with tower LoRA enabled, vLLM 0.32 sizes the tower LoRA token mapping
-    # for all multimodal items of a step, so an image and an audio item encoded in the same step
-    # crash the audio tower ("einsum(): subscript b has size 305 ... 25"; known gap, see report).
+    # One call per prompt kind, so each parity check sees one modality; steps that mix image and
+    # audio items are covered by test_image_and_audio_in_one_step.
     params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0, logprobs=0)
     return [engine.generate([vllm_request(k)], params, lora_request=lora, use_tqdm=False)[0] for k in kinds]
 
@@ -233,3 +232,23 @@ def test_front_end_predicts_every_lora_layer(engine: Any, tiny_dir: Path) -> Non
     assert served == predicted, {"predicted, not wrapped": sorted(predicted - served), "wrapped, refused": sorted(served - predicted)}
     lora_layers = {vllm_module_name(p, model.hf_to_vllm_mapper, model.packed_modules_mapping, wrapped) for p in predicted}
     assert wrapped - lora_layers <= {"language_model.lm_head", "language_model.logits_processor"}, sorted(wrapped - lora_layers)
+
+
+def test_image_and_audio_in_one_step(engine: Any, adapters: dict[str, Path], reference: Any) -> None:
+    """vLLM 0.32 maps tower LoRA for all of a step's images and audio clips at once, then runs each
+    tower on its own items: the audio tower's LoRA kernels crashed the engine ("einsum(): subscript b
+    has size 305 ... 25"). The plugin narrows the mapping to each encoder call's items. Fresh media
+    (seed 1): the engine's encoder cache holds the other tests' items, which would not be encoded."""
+    from vllm import SamplingParams
+
+    split = engine.apply_model(lambda m: m)[0].encoder_lora_split
+    before = split.narrowed_calls
+    plan = [("towers", "image"), ("towers", "audio"), (None, "audio"), ("adapter_name_keys", "image"), ("text", "audio")]
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0, logprobs=0)
+    outs = engine.generate(
+        [vllm_request(kind, seed=1) for _, kind in plan], params,
+        lora_request=[None if a is None else _lora(a, adapters[a]) for a, _ in plan], use_tqdm=False,
+    )  # fmt: skip
+    assert split.narrowed_calls > before, "no step mixed image and audio items: the test did not exercise the fix"
+    for out, (adapter, kind) in zip(outs, plan, strict=True):
+        assert_parity(out, reference(adapter, kind, seed=1), f"one step {adapter}/{kind}")

@@ -21,19 +21,20 @@ PROMPTS = {
 }
 
 
-def media() -> dict[str, Any]:
+def media(seed: int = 0) -> dict[str, Any]:
+    """A random image and audio clip; another seed gives media no engine cache has seen."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     return {
         "image": Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
         "audio": (rng.standard_normal(16000) * 0.1).astype(np.float32),
     }
 
 
-def vllm_request(kind: str) -> dict[str, Any]:
+def vllm_request(kind: str, seed: int = 0) -> dict[str, Any]:
     req: dict[str, Any] = {"prompt": PROMPTS[kind]}
-    m = media()
+    m = media(seed)
     if kind == "image":
         req["multi_modal_data"] = {"image": m["image"]}
     elif kind == "audio":
@@ -41,15 +42,15 @@ def vllm_request(kind: str) -> dict[str, Any]:
     return req
 
 
-def hf_inputs(model_dir: Path, kind: str) -> dict[str, torch.Tensor]:
+def hf_inputs(model_dir: Path, kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_dir)
     kw: dict[str, Any] = {"text": PROMPTS[kind], "return_tensors": "pt"}
     if kind == "image":
-        kw["images"] = media()["image"]
+        kw["images"] = media(seed)["image"]
     elif kind == "audio":
-        kw["audio"] = media()["audio"]
+        kw["audio"] = media(seed)["audio"]
     return dict(processor(**kw))
 
 

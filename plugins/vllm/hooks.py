@@ -15,6 +15,10 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   adapter get another request's LoRA (measured 0.28 logprob on text, 0.50 on an image with tower
   LoRA). The wrappers zero those tokens' inputs and index slot 0 instead; installed only while the
   upstream source still has the unmasked indexing.
+* ``LoRAModelManager._set_adapter_mapping`` (worker, tower/connector mappings): hands the step's
+  encoder mappings to the model's :class:`~.model.EncoderLoRASplit`, which narrows them to each
+  encoder call's items (vLLM 0.32 maps all of a step's images and audio clips at once and then
+  crashed the audio tower). Uses the model's ``get_mm_lora_token_counts`` per item.
 * ``PunicaWrapperCPU.update_metadata`` (once per step and LoRA mapping): records whether the
   step has any token without an adapter, so that the kernel wrappers above pass straight through
   when none has (the common case: every request names an adapter) instead of testing the slots on
@@ -58,6 +62,9 @@ HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "cpu_bgmv_shrink": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
     "cpu_bgmv_expand": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
     "cpu_bgmv_expand_slice": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
+    "lora_set_adapter_mapping": ("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping", ("self", "mapping")),
+    "mm_lora_token_counts": ("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration.get_mm_lora_token_counts",
+                             ("self", "modality", "mm_kwargs", "num_mm_embeds")),
     "cpu_update_metadata": ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.update_metadata",
                             ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size")),
 }
@@ -113,6 +120,10 @@ def install() -> None:
     from vllm.lora.lora_model import LoRAModel
     from vllm.v1.engine.input_processor import InputProcessor
 
+    from vllm.lora.model_manager import LoRAModelManager
+
+    _ORIGINALS["lora_set_adapter_mapping"] = LoRAModelManager._set_adapter_mapping
+    LoRAModelManager._set_adapter_mapping = _set_adapter_mapping  # type: ignore[method-assign]
     _ORIGINALS["lora_from_local_checkpoint"] = LoRAModel.from_local_checkpoint.__func__  # type: ignore[attr-defined]
     _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
     LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
@@ -172,6 +183,13 @@ def _mask_no_adapter_tokens(kernel: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- worker side -------------------------------------------------------------------------------
+def _set_adapter_mapping(self: Any, mapping: Any) -> None:
+    _ORIGINALS["lora_set_adapter_mapping"](self, mapping)
+    split = getattr(self.model, "encoder_lora_split", None)
+    if split is not None:
+        split.note_mapping(self, mapping)
+
+
 def _wrapped_modules(model: Any) -> set[str]:
     """Names of the modules vLLM replaced by LoRA layers (fixed once the LoRA manager exists)."""
     cached = getattr(model, "_gemma4_bridge_lora_modules", None)

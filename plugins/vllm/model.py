@@ -94,17 +94,110 @@ def unwrap_non_token_linears(tower: torch.nn.Module | None) -> int:
     return count
 
 
+@dataclass
+class _EncoderItem:
+    modality: str
+    tower_tokens: int
+    connector_tokens: int | None
+
+
+class EncoderLoRASplit:
+    """One encoder call's share of the step's tower and connector LoRA mappings.
+
+    vLLM 0.32 builds one tower mapping (and one connector mapping) for all multimodal items of a
+    step, in item order, and then runs each run of same-modality items through its tower
+    separately. With an image and an audio clip in one step the audio tower's LoRA kernels got the
+    indices of both: "einsum(): subscript b has size 305 ... 25" killed the engine (and, had the
+    sizes matched, the wrong adapter would have been applied). Before each encoder call this
+    narrows both mappings to that call's items. Steps with one modality are left as vLLM made them.
+    """
+
+    # Key of a Gemma 4 encoder call's inputs that holds one entry per item, by modality.
+    ITEM_KEYS: dict[str, str] = {"pixel_values": "image", "input_features_padded": "audio", "video_frame_counts": "video"}
+
+    def __init__(self) -> None:
+        self.pending: list[_EncoderItem] = []  # token counts vLLM asked for, per item, this step
+        self.items: list[_EncoderItem] = []  # the items of the current mixed-modality mappings
+        self.mappings: dict[Any, Any] = {}  # LoRAMappingType -> the step's full mapping
+        self.manager: Any = None
+        self.cursor = 0
+        self.narrowing = False
+        self.narrowed_calls = 0  # encoder calls that ran with a narrowed mapping (observability, tests)
+
+    def record_item(self, modality: str, counts: tuple[int, int | None]) -> None:
+        self.pending.append(_EncoderItem(modality, counts[0], counts[1]))
+
+    def note_mapping(self, manager: Any, mapping: Any) -> None:
+        """Called after vLLM set a tower or connector mapping (hooks.py)."""
+        from vllm.lora.layers.utils import LoRAMappingType
+
+        if self.narrowing:
+            return
+        if mapping.type == LoRAMappingType.TOWER:
+            n = len(mapping.prompt_mapping)
+            items, self.pending = self.pending[-n:] if n else [], []
+            fits = len(items) == n and sum(i.tower_tokens for i in items) == len(mapping.index_mapping)
+            mixed = len({i.modality for i in items}) > 1
+            self.items = items if fits and mixed else []
+            self.mappings, self.manager, self.cursor = ({mapping.type: mapping}, manager, 0) if self.items else ({}, None, 0)
+        elif mapping.type == LoRAMappingType.CONNECTOR and self.items:
+            if all(i.connector_tokens is not None for i in self.items) and sum(i.connector_tokens or 0 for i in self.items) == len(mapping.index_mapping):
+                self.mappings[mapping.type] = mapping
+
+    def narrow(self, kwargs: dict[str, Any]) -> None:
+        """Point the tower and connector LoRA mappings at the items of this encoder call."""
+        if not self.items:
+            return
+        from vllm.lora.layers.utils import LoRAMapping, LoRAMappingType
+
+        key = next((k for k in self.ITEM_KEYS if kwargs.get(k) is not None), None)
+        if key is None:
+            return
+        n = len(kwargs[key])  # type: ignore[arg-type]
+        group = self.items[self.cursor : self.cursor + n]
+        if len(group) != n or any(i.modality != self.ITEM_KEYS[key] for i in group):
+            return  # not the call order this was built for: leave vLLM's mapping
+        before = self.items[: self.cursor]
+        self.narrowing = True
+        try:
+            for kind, count in ((LoRAMappingType.TOWER, "tower_tokens"), (LoRAMappingType.CONNECTOR, "connector_tokens")):
+                full = self.mappings.get(kind)
+                if full is None:
+                    continue
+                start = sum(getattr(i, count) for i in before)
+                stop = start + sum(getattr(i, count) for i in group)
+                prompts = full.prompt_mapping[self.cursor : self.cursor + n]
+                self.manager._set_adapter_mapping(LoRAMapping(full.index_mapping[start:stop], prompts, is_prefill=True, type=kind))
+        finally:
+            self.narrowing = False
+        self.manager._last_mapping = None  # what the wrappers hold is no longer any mapping vLLM set
+        self.cursor += n
+        self.narrowed_calls += 1
+
+
 class BridgeGemma4ForConditionalGeneration(Gemma4ForConditionalGeneration):
-    """vLLM's multimodal Gemma 4 with CPU-safe tower inputs and a tagged LoRA mapper."""
+    """vLLM's multimodal Gemma 4 with CPU-safe tower inputs, per-call encoder LoRA mappings and a
+    tagged LoRA mapper."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         make_tower_inputs_contiguous(self.audio_tower)
         make_tower_inputs_contiguous(self.vision_tower)
         unwrap_non_token_linears(self.audio_tower)
+        self.encoder_lora_split = EncoderLoRASplit()
         self.hf_to_vllm_mapper = BridgeWeightsMapper.wrap(
             type(self).hf_to_vllm_mapper, serving_context(vllm_config, towers_served=True), self
         )
+
+    def get_mm_lora_token_counts(self, *, modality: str, mm_kwargs: Any, num_mm_embeds: int) -> tuple[int, int | None]:
+        counts = super().get_mm_lora_token_counts(modality=modality, mm_kwargs=mm_kwargs, num_mm_embeds=num_mm_embeds)
+        if mm_kwargs is not None:  # an item of this step (None: sizing the LoRA buffers at start-up)
+            self.encoder_lora_split.record_item(modality, counts)
+        return counts
+
+    def embed_multimodal(self, **kwargs: object) -> Any:
+        self.encoder_lora_split.narrow(kwargs)
+        return super().embed_multimodal(**kwargs)
 
 
 class BridgeGemma4ForCausalLM(Gemma4ForCausalLM):
