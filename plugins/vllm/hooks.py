@@ -118,9 +118,8 @@ def install() -> None:
             fix="install a vLLM release gemma4-bridge supports (see SUPPORTED_VLLM) or upgrade gemma4-bridge",
         )
     from vllm.lora.lora_model import LoRAModel
-    from vllm.v1.engine.input_processor import InputProcessor
-
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.v1.engine.input_processor import InputProcessor
 
     _ORIGINALS["lora_set_adapter_mapping"] = LoRAModelManager._set_adapter_mapping
     LoRAModelManager._set_adapter_mapping = _set_adapter_mapping  # type: ignore[method-assign]
