@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import Gemma4Layout, LinearSite
-from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, parse_key, resolve_key
+from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Gemma4Layout, LinearSite
+from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, lora_key, parse_key, resolve_key
 
 from .safetensors_stream import CODE_TO_DTYPE, DTYPES, SafetensorsReader
 
@@ -314,10 +314,6 @@ def lora_scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
     return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
 
 
-def canonical_key_for(module_path: str, part: str, kind: str = "weight") -> str:
-    return f"{PEFT_PREFIX}{module_path}.{part}.{kind}"
-
-
 def _int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
@@ -472,7 +468,7 @@ class _Planner:
         if parsed is None:
             return None
         path, variant = canonical_module_path(parsed.module)
-        return Resolution(parsed, None, canonical_key_for(path, parsed.part, parsed.kind), variant, False, None)
+        return Resolution(parsed, None, lora_key(path, parsed.part, parsed.kind), variant, False, None)
 
     def _unresolved(self, res: Resolution) -> None:
         key = res.parsed.key
@@ -628,7 +624,7 @@ class _Planner:
                 )  # fmt: skip
                 continue
             if site is None:  # no base: keep the module under its transformers name
-                site = LinearSite(module, a.shape[1], b.shape[0], "language_model", False)
+                site = LinearSite(module, a.shape[1], b.shape[0], LANGUAGE_MODEL, False)
             modules.append(ModuleDelta(site, a, b, rank, alpha, lora_scaling(self.config, rank, alpha)))
         kept = {m.a.key for m in modules} | {m.b.key for m in modules}
         return [t for t in tensors if t.key in kept], modules
@@ -653,7 +649,7 @@ class _Planner:
                 tuple(k for k, _ in self.dropped),
             )  # fmt: skip
             self.problems = [p for p in self.problems if p.code != "absent-module"]
-        towers = {m for m in ("vision_tower", "audio_tower") if any(r.site and r.site.component == m for r, _, _ in resolved)}
+        towers = {r.site.component for r, _, _ in resolved if r.site and COMPONENT_BY_NAME[r.site.component].kind == "tower"}
         if not any(f in self.flavours for f in ("custom-clippable",)) and towers:
             self.flavour("peft-all-linear")
         if not self.flavours:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.layout import LANGUAGE_MODEL, NON_LANGUAGE, Gemma4Layout
 
 from .canonical import CanonicalPlan, Problem, find_layout, plan
 
@@ -110,7 +110,7 @@ def _summary(p: CanonicalPlan) -> dict[str, Any]:
 def server_verdicts(p: CanonicalPlan, layout: Gemma4Layout | None, problems: list[Problem]) -> list[Verdict]:
     codes = {q.code for q in problems if q.severity != "note"}
     broken = [q for q in problems if q.severity == "broken"]
-    towers = sorted({m.site.component for m in p.modules} & {"vision_tower", "audio_tower", "embed_vision", "embed_audio"})
+    towers = sorted({m.site.component for m in p.modules} & set(NON_LANGUAGE))
     max_rank = max((m.rank for m in p.modules), default=0)
 
     # Stock vLLM 0.32
@@ -159,12 +159,12 @@ def server_verdicts(p: CanonicalPlan, layout: Gemma4Layout | None, problems: lis
         if "zero-element" in flags or "adapter-name-in-keys" in flags:
             sglang.notes.append("zero-element or '.default.' tensors cannot be loaded")
     if layout is not None:
-        kv_targets = [m for m in p.modules if m.site.component == "language_model" and m.site.path.endswith(("k_proj", "v_proj"))]
+        kv_targets = [m for m in p.modules if m.site.component == LANGUAGE_MODEL and m.site.path.endswith(("k_proj", "v_proj"))]
         if kv_targets and (layout.kv_shared_layers or layout.k_eq_v_layers):
             sglang.status = "fails"
             sglang.notes.append("k/v LoRA on a base with KV-shared or k_eq_v layers: SGLang reads v_proj unconditionally (KeyError, sglang issue 25913)")
         head_dims = {layer.head_dim for layer in layout.text_layers}
-        if len(head_dims) > 1 and any(m.site.path.endswith(("q_proj", "o_proj")) and m.site.component == "language_model" for m in p.modules):
+        if len(head_dims) > 1 and any(m.site.path.endswith(("q_proj", "o_proj")) and m.site.component == LANGUAGE_MODEL for m in p.modules):
             sglang.status = "fails"
             sglang.notes.append(f"per-layer head sizes {sorted(head_dims)}: SGLang sizes q/o LoRA from one head_dim")
     if towers:

@@ -22,23 +22,65 @@ from gemma4_bridge.errors import BridgeError
 
 AttentionKind = Literal["sliding", "full"]
 KVRole = Literal["own", "store", "reuse"]
-Component = Literal["language_model", "vision_tower", "audio_tower", "embed_vision", "embed_audio"]
+Component = str  # a ComponentSpec.name: "language_model", "vision_tower", "embed_audio", ...
+ComponentKind = Literal["language_model", "tower", "connector"]
 
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One part of a Gemma 4 checkpoint, as every tool here names and treats it.
+
+    A new family member's part (MoE experts, an encoder-free embedder) is one more row of
+    :data:`COMPONENTS`; nothing else restates these facts.
+    """
+
+    name: str  # "vision_tower": the attribute of transformers' Gemma4Model
+    kind: ComponentKind
+    modality: str | None  # "vision" / "audio" (the ``<modality>_config`` of config.json); None for text
+    prefix: str  # checkpoint (= transformers, = PEFT) prefix: "model.vision_tower."
+    vllm_prefix: str  # the same module in vLLM's naming: "vision_tower.", "language_model.model."
+    # Encoder-call inputs (vLLM ``embed_multimodal`` kwargs) that hold one entry per item, with
+    # the item's modality: they identify which items an encoder call runs.
+    item_keys: tuple[tuple[str, str], ...] = ()
+    # Prompt modalities that feed it: with all of them limited to 0 items vLLM builds no LoRA layers here.
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def is_language_model(self) -> bool:
+        return self.kind == "language_model"
+
+
+COMPONENTS: tuple[ComponentSpec, ...] = (
+    ComponentSpec("language_model", "language_model", None, "model.language_model.", "language_model.model."),
+    ComponentSpec("vision_tower", "tower", "vision", "model.vision_tower.", "vision_tower.",
+                  item_keys=(("pixel_values", "image"), ("video_frame_counts", "video")), inputs=("image", "video")),
+    ComponentSpec("audio_tower", "tower", "audio", "model.audio_tower.", "audio_tower.",
+                  item_keys=(("input_features_padded", "audio"),), inputs=("audio",)),
+    ComponentSpec("embed_vision", "connector", "vision", "model.embed_vision.", "embed_vision.", inputs=("image", "video")),
+    ComponentSpec("embed_audio", "connector", "audio", "model.embed_audio.", "embed_audio.", inputs=("audio",)),
+)  # fmt: skip
+COMPONENT_BY_NAME: dict[str, ComponentSpec] = {c.name: c for c in COMPONENTS}
+LANGUAGE_MODEL: str = next(c.name for c in COMPONENTS if c.is_language_model)
+# Everything that is not the language model: vLLM serves their LoRA only with --enable-tower-connector-lora.
+NON_LANGUAGE: tuple[str, ...] = tuple(c.name for c in COMPONENTS if not c.is_language_model)
 # Checkpoint prefixes of each component, in the transformers (= PEFT) naming.
-COMPONENT_PREFIXES: dict[Component, str] = {
-    "language_model": "model.language_model.",
-    "vision_tower": "model.vision_tower.",
-    "audio_tower": "model.audio_tower.",
-    "embed_vision": "model.embed_vision.",
-    "embed_audio": "model.embed_audio.",
-}
-TOWERS: dict[str, Component] = {"vision": "vision_tower", "audio": "audio_tower"}
+COMPONENT_PREFIXES: dict[str, str] = {c.name: c.prefix for c in COMPONENTS}
+# modality -> its tower (the components that exist only when ``<modality>_config`` does).
+TOWERS: dict[str, str] = {c.modality: c.name for c in COMPONENTS if c.kind == "tower" and c.modality}
+# Encoder-call input key -> item modality (see ComponentSpec.item_keys).
+ENCODER_ITEM_KEYS: dict[str, str] = {key: modality for c in COMPONENTS for key, modality in c.item_keys}
+
+
+def text_layer_path(index: int, rest: str) -> str:
+    """A module path inside text layer ``index`` (checkpoint naming): ``rest`` is e.g. ``self_attn.q_proj``."""
+    return f"{COMPONENT_PREFIXES[LANGUAGE_MODEL]}layers.{index}.{rest}"
+
+
 # 2-D weights that are lookup tables, not linears.
 NON_LINEAR_WEIGHTS = re.compile(r"(embed_tokens|embed_tokens_per_layer|position_embedding_table)\.weight$")
 # Linears that do not act on the token stream: a LoRA there changes positional terms, not tokens.
 NON_TOKEN_LINEARS = re.compile(r"\.self_attn\.relative_k_proj$")
-CLIP_BUFFERS = ("input_min", "input_max", "output_min", "output_max")
-_TEXT_LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
+_TEXT_LAYER = re.compile(rf"^{re.escape(COMPONENT_PREFIXES[LANGUAGE_MODEL])}layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -128,9 +170,6 @@ class Gemma4Layout:
 
     def site(self, path: str) -> LinearSite | None:
         return self.linears.get(path)
-
-    def sites_of(self, component: Component) -> list[LinearSite]:
-        return [s for s in self.linears.values() if s.component == component]
 
     def missing_site_reason(self, path: str) -> str | None:
         """Why ``path`` names no linear although a Gemma 4 adapter may carry it; None if unexplained."""

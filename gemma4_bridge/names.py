@@ -10,24 +10,35 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-from gemma4_bridge.layout import Gemma4Layout, LinearSite
+from gemma4_bridge.layout import COMPONENT_PREFIXES, COMPONENTS, LANGUAGE_MODEL, Gemma4Layout, LinearSite
 
 PEFT_PREFIX = "base_model.model."
-LoraPart = Literal["lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"]
 LORA_PARTS: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _module_path_variants() -> tuple[tuple[str, re.Pattern[str], str], ...]:
+    """The naming rows, derived from the component table (a new component is named everywhere)."""
+    prefixes = "|".join(re.escape(c.prefix) for c in COMPONENTS)
+    return (
+        ("transformers", re.compile(rf"^((?:{prefixes}).*)$"), r"\1"),
+        *(
+            ("vllm", re.compile(rf"^{re.escape(c.vllm_prefix)}(.*)$"), c.prefix + r"\1")
+            for c in COMPONENTS
+        ),
+        # Gemma4ForCausalLM: the decoder layers and the per-layer-input projection sit right under ``model``.
+        ("causal-lm", re.compile(r"^model\.(layers\..*|per_layer_model_projection)$"), COMPONENT_PREFIXES[LANGUAGE_MODEL] + r"\1"),
+        *(
+            ("bare", re.compile(rf"^{c.name}\.(layers\..*|encoder\..*)$"), c.prefix + r"\1")
+            for c in COMPONENTS
+            if c.kind in ("language_model", "tower")
+        ),
+    )
+
 
 # (flavour, pattern on the module path after the PEFT prefix is removed, replacement).
 # First match wins; the result is then resolved against the layout (``.linear`` added for towers).
-MODULE_PATH_VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = (
-    ("transformers", re.compile(r"^(model\.(?:language_model|vision_tower|audio_tower|embed_vision|embed_audio)\..*)$"), r"\1"),
-    ("vllm", re.compile(r"^language_model\.model\.(.*)$"), r"model.language_model.\1"),
-    ("vllm", re.compile(r"^(vision_tower|audio_tower|embed_vision|embed_audio)\.(.*)$"), r"model.\1.\2"),
-    # Gemma4ForCausalLM: the decoder layers and the per-layer-input projection sit right under ``model``.
-    ("causal-lm", re.compile(r"^model\.(layers\..*|per_layer_model_projection)$"), r"model.language_model.\1"),
-    ("bare", re.compile(r"^(language_model|vision_tower|audio_tower)\.(layers\..*|encoder\..*)$"), r"model.\1.\2"),
-)
+MODULE_PATH_VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = _module_path_variants()
 _KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.(?P<kind>weight|bias))?$"
 )
@@ -79,9 +90,14 @@ def canonical_module_path(module: str) -> tuple[str, str]:
     return module, "unknown"
 
 
+def lora_key(module_path: str, part: str, kind: str = "weight") -> str:
+    """The one builder of a LoRA tensor key: ``base_model.model.<module path>.<part>.<kind>``."""
+    return f"{PEFT_PREFIX}{module_path}.{part}.{kind}"
+
+
 def canonical_key(site: LinearSite, part: str, kind: str = "weight") -> str:
     """The key of ``site``'s LoRA tensor as PEFT writes it for the base's own model class."""
-    return f"{PEFT_PREFIX}{site.model_path}.{part}.{kind}"
+    return lora_key(site.model_path, part, kind)
 
 
 def resolve_key(key: str, layout: Gemma4Layout) -> Resolution | None:

@@ -46,7 +46,7 @@ from packaging.version import Version
 from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import CONFIG_NAME, SAFETENSORS_NAME, atomic_output_dir, write_adapter
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.layout import TOWERS, Gemma4Layout
 
 
 _LAYOUT_ATTR = "_gemma4_bridge_layout"
@@ -115,7 +115,7 @@ def repair_audio_attention_mask(model: torch.nn.Module) -> bool:
     allowed), so ``logical_not`` selects the allowed positions: audio training would learn from a
     tower that attends to padding and out-of-window frames. Only the mask changes here.
     """
-    audio_tower = getattr(getattr(_unwrap(model), "model", None), "audio_tower", None)
+    audio_tower = getattr(getattr(_unwrap(model), "model", None), TOWERS["audio"], None)
     if audio_tower is None or audio_tower.config._attn_implementation != "eager":
         return False
     audio_tower.config._attn_implementation = "sdpa"

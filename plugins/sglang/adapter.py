@@ -26,8 +26,8 @@ from typing import Any
 
 from gemma4_bridge.converters.canonical import ModuleDelta, plan
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import Gemma4Layout
-from gemma4_bridge.names import PEFT_PREFIX
+from gemma4_bridge.layout import LANGUAGE_MODEL, Gemma4Layout, text_layer_path
+from gemma4_bridge.names import lora_key
 
 from .dims import PARENT, STACKED, slice_out_features, text_site
 
@@ -118,9 +118,9 @@ def prepare_adapter(
                         b = (b.float() * ratio).to(b.dtype)
                         folded += source is module
                     a, b = _pad_rank(a.to(dtype), b.to(dtype), rank)
-                prefix = f"{PEFT_PREFIX}model.language_model.layers.{layer}.{PARENT[leaf]}.{leaf}"
-                tensors[f"{prefix}.lora_A.weight"] = a
-                tensors[f"{prefix}.lora_B.weight"] = b
+                path = text_layer_path(layer, f"{PARENT[leaf]}.{leaf}")
+                tensors[lora_key(path, "lora_A")] = a
+                tensors[lora_key(path, "lora_B")] = b
                 targets.add(leaf)
 
     config = dict(p.source_config)
@@ -136,7 +136,7 @@ def prepare_adapter(
 
 
 def _refuse_unservable(modules: list[ModuleDelta], label: str) -> None:
-    towers = [m for m in modules if m.site.component != "language_model"]
+    towers = [m for m in modules if m.site.component != LANGUAGE_MODEL]
     if towers:
         kinds = sorted({m.site.component for m in towers})
         raise BridgeError(

@@ -11,7 +11,7 @@ KV-shared layers. The sizes here are the real weight shapes, read from the check
 from __future__ import annotations
 
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import Gemma4Layout, LinearSite
+from gemma4_bridge.layout import Gemma4Layout, LinearSite, text_layer_path
 
 # SGLang's fused modules and the transformers linears stacked (in this order) along the output.
 STACKED: dict[str, tuple[str, ...]] = {
@@ -23,7 +23,7 @@ PARENT: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj"
 
 
 def text_site(layout: Gemma4Layout, layer: int, leaf: str) -> LinearSite | None:
-    return layout.site(f"model.language_model.layers.{layer}.{PARENT[leaf]}.{leaf}")
+    return layout.site(text_layer_path(layer, f"{PARENT[leaf]}.{leaf}"))
 
 
 def slice_out_features(layout: Gemma4Layout, layer: int, leaf: str) -> int:

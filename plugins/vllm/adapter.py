@@ -26,13 +26,12 @@ from typing import Any
 
 from gemma4_bridge.converters import CanonicalPlan, plan
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.layout import NON_LANGUAGE, Gemma4Layout
 from gemma4_bridge.names import PEFT_PREFIX
 
 logger = logging.getLogger("vllm.gemma4_bridge")
 
 TOWER_FLAG = "--enable-tower-connector-lora"
-_NOT_LANGUAGE = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ def _check_sites(p: CanonicalPlan, ctx: ServingContext) -> None:
             fix="merge the adapter into the base weights ('gemma4-bridge merge') and serve the merged model, or "
             "retrain with exclude_modules=['relative_k_proj']",
         )
-    towers = [m.site for m in p.modules if m.site.component in _NOT_LANGUAGE]
+    towers = [m.site for m in p.modules if m.site.component in NON_LANGUAGE]
     for component, modality in ctx.disabled_towers:
         off = [s for s in towers if s.component == component]
         if off and ctx.enable_tower_connector_lora:

@@ -260,13 +260,11 @@ def _disabled_towers(model_config: Any) -> tuple[tuple[str, str], ...]:
     mm = getattr(model_config, "multimodal_config", None)
     if mm is None:
         return ()
-    limit = lambda modality: mm.get_limit_per_prompt(modality)  # noqa: E731
-    off: list[tuple[str, str]] = []
-    if limit("audio") == 0:
-        off += [("audio_tower", "audio"), ("embed_audio", "audio")]
-    if limit("image") == 0 and limit("video") == 0:
-        off += [("vision_tower", "image"), ("embed_vision", "image")]
-    return tuple(off)
+    from gemma4_bridge.layout import COMPONENTS
+
+    return tuple(
+        (c.name, c.inputs[0]) for c in COMPONENTS if c.inputs and all(mm.get_limit_per_prompt(m) == 0 for m in c.inputs)
+    )
 
 
 def _stamp(path: str) -> tuple[str, int, int]:

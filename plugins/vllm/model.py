@@ -18,7 +18,7 @@ from vllm.model_executor.models.gemma4 import Gemma4ForCausalLM
 from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
-from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.layout import ENCODER_ITEM_KEYS, Gemma4Layout
 
 from .adapter import ServingContext, resolve_model_dir
 
@@ -112,8 +112,8 @@ class EncoderLoRASplit:
     narrows both mappings to that call's items. Steps with one modality are left as vLLM made them.
     """
 
-    # Key of a Gemma 4 encoder call's inputs that holds one entry per item, by modality.
-    ITEM_KEYS: dict[str, str] = {"pixel_values": "image", "input_features_padded": "audio", "video_frame_counts": "video"}
+    # Key of a Gemma 4 encoder call's inputs that holds one entry per item, by modality (layout table).
+    ITEM_KEYS: dict[str, str] = ENCODER_ITEM_KEYS
 
     def __init__(self) -> None:
         self.pending: list[_EncoderItem] = []  # token counts vLLM asked for, per item, this step
