@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import AdapterDir
-from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Gemma4Layout, LinearSite
+from gemma4_bridge.errors import BridgeError, ErrorCode
+from gemma4_bridge.layout import COMPONENT_BY_NAME, Absence, LANGUAGE_MODEL, Gemma4Layout, LinearSite
 from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, lora_key, parse_key, resolve_key
 
 from .safetensors_stream import CODE_TO_DTYPE, DTYPES, SafetensorsReader
@@ -116,6 +116,7 @@ class TensorSource:
                 raise BridgeError(
                     f"{adapter.weights}: could not read tensor {key} ({exc}).",
                     fix="the file is truncated or corrupt; copy it again from where it was trained",
+                    code=ErrorCode.UNREADABLE,
                 ) from exc
 
         return cls(str(adapter.weights), specs, get, reader)
@@ -198,6 +199,7 @@ class CanonicalPlan:
             raise BridgeError(
                 f"{self.weights_label}: could not read tensor {entry.source_key} ({exc}).",
                 fix="the file is truncated or corrupt; copy it again from where it was trained",
+                code=ErrorCode.UNREADABLE,
             ) from exc
         if mapped is None:
             return None
@@ -223,6 +225,7 @@ class CanonicalPlan:
             raise BridgeError(
                 f"{where}: tensor {entry.source_key} has {bad} NaN/Inf value(s); serving it would produce garbage.",
                 fix="the training run diverged; use an earlier checkpoint or retrain with a lower learning rate",
+                code=ErrorCode.NON_FINITE,
             )
 
     def iter_tensors(self) -> Iterator[tuple[PlannedTensor, Any]]:
@@ -472,13 +475,13 @@ class _Planner:
 
     def _unresolved(self, res: Resolution) -> None:
         key = res.parsed.key
-        reason = res.reason or ""
-        assert self.layout is not None
-        if "KV-shared" in reason or "attention_k_eq_v" in reason:
+        assert self.layout is not None and res.reason is not None
+        reason = res.reason.message
+        if res.reason.code in (Absence.KV_SHARED, Absence.K_EQ_V):
             self.flavour("kv-shared-extras")
             self.dropped.append((key, reason))
             self.problem("absent-module", "fixable", f"{self.label}: tensor {key}: {reason}.", "convert drops it (the model never uses it)", (key,))
-        elif "no vision tower" in reason or "no audio tower" in reason:
+        elif res.reason.code == Absence.NO_TOWER:
             self.problem(
                 "missing-tower", "broken", f"{self.label}: tensor {key}: {reason}; this adapter was trained on a model with that tower.",
                 "pass --base with the model the adapter was trained on", (key,),

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from gemma4_bridge.adapter_io import AdapterDir
-from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.errors import BridgeError, ErrorCode
 from gemma4_bridge.layout import LANGUAGE_MODEL, NON_LANGUAGE, Gemma4Layout
 
 from .canonical import CanonicalPlan, Problem, find_layout, plan
@@ -69,7 +69,7 @@ def inspect_adapter(
                 try:
                     p.load(entry)
                 except BridgeError as err:
-                    code = "non-finite" if "NaN" in err.message else "unreadable"
+                    code = str(err.code or ErrorCode.UNREADABLE)
                     problems.append(Problem(code, "broken", err.message, err.fix or "", (entry.source_key,)))
                 bar.update(1)
     if layout is None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from enum import StrEnum
 from typing import Any, Literal
 
 from gemma4_bridge.errors import BridgeError
@@ -81,6 +82,26 @@ NON_LINEAR_WEIGHTS = re.compile(r"(embed_tokens|embed_tokens_per_layer|position_
 # Linears that do not act on the token stream: a LoRA there changes positional terms, not tokens.
 NON_TOKEN_LINEARS = re.compile(r"\.self_attn\.relative_k_proj$")
 _TEXT_LAYER = re.compile(rf"^{re.escape(COMPONENT_PREFIXES[LANGUAGE_MODEL])}layers\.(\d+)\.")
+
+
+class Absence(StrEnum):
+    """Why an adapter module names no linear of the base (see :meth:`Gemma4Layout.missing_site_reason`)."""
+
+    KV_SHARED = "kv-shared"  # k_proj/v_proj of a layer that reuses another layer's K/V
+    K_EQ_V = "k-eq-v"  # v_proj of an attention_k_eq_v layer (V is the k_proj output)
+    NO_TOWER = "no-tower"  # a tower or connector the base model does not have
+    UNKNOWN_MODULE = "unknown-module"  # any other path: the adapter is for another model
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A decision's code (what code acts on) and its sentence (what a user reads)."""
+
+    code: Absence
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)
@@ -171,22 +192,25 @@ class Gemma4Layout:
     def site(self, path: str) -> LinearSite | None:
         return self.linears.get(path)
 
-    def missing_site_reason(self, path: str) -> str | None:
-        """Why ``path`` names no linear although a Gemma 4 adapter may carry it; None if unexplained."""
-        m = re.match(r"^model\.language_model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)$", path)
-        if m and int(m.group(1)) < len(self.text_layers):
-            layer = self.text_layers[int(m.group(1))]
+    def missing_site_reason(self, path: str) -> Reason:
+        """Why ``path`` names no linear of this base (a Gemma 4 adapter may still carry it)."""
+        m = _TEXT_LAYER.match(path)
+        leaf = path.rsplit(".", 1)[-1]
+        index = int(m.group(1)) if m else -1
+        if leaf in ("k_proj", "v_proj") and path == text_layer_path(index, f"self_attn.{leaf}") and index < len(self.text_layers):
+            layer = self.text_layers[index]
             if layer.kv_role == "reuse":
-                return (
+                return Reason(
+                    Absence.KV_SHARED,
                     f"layer {layer.index} is KV-shared (it reuses layer {layer.kv_source}'s K/V) and has no "
-                    f"{m.group(2)}; such tensors come from training on transformers 5.5.0/5.5.1"
+                    f"{leaf}; such tensors come from training on transformers 5.5.0/5.5.1",
                 )
-            if m.group(2) == "v_proj" and layer.k_eq_v:
-                return f"layer {layer.index} uses attention_k_eq_v (V is the k_proj output) and has no v_proj"
-        for tower, component in TOWERS.items():
-            if path.startswith(COMPONENT_PREFIXES[component]) and tower not in self.towers:
-                return f"the base model has no {tower} tower"
-        return None
+            if leaf == "v_proj" and layer.k_eq_v:
+                return Reason(Absence.K_EQ_V, f"layer {layer.index} uses attention_k_eq_v (V is the k_proj output) and has no v_proj")
+        for spec in COMPONENTS:
+            if spec.kind == "tower" and path.startswith(spec.prefix) and spec.modality not in self.towers:
+                return Reason(Absence.NO_TOWER, f"the base model has no {spec.modality} tower")
+        return Reason(Absence.UNKNOWN_MODULE, f"the base model has no linear module {path}")
 
     # -- construction ---------------------------------------------------------------------
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gemma4_bridge.layout import COMPONENT_PREFIXES, COMPONENTS, LANGUAGE_MODEL, Gemma4Layout, LinearSite
+from gemma4_bridge.layout import COMPONENT_PREFIXES, COMPONENTS, LANGUAGE_MODEL, Gemma4Layout, LinearSite, Reason
 
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -65,7 +65,7 @@ class Resolution:
     canonical_key: str | None
     variant: str  # which row of MODULE_PATH_VARIANTS matched ("unknown" if none)
     added_linear: bool  # tower key written without ``.linear`` (custom clippable LoRA layer)
-    reason: str | None  # set when site is None
+    reason: Reason | None  # set when site is None
 
 
 def parse_key(key: str) -> ParsedKey | None:
@@ -113,6 +113,5 @@ def resolve_key(key: str, layout: Gemma4Layout) -> Resolution | None:
         if wrapped is not None and wrapped.clippable:
             site, added_linear = wrapped, True
     if site is None:
-        reason = layout.missing_site_reason(path) or f"the base model has no linear module {path}"
-        return Resolution(parsed, None, None, variant, False, reason)
+        return Resolution(parsed, None, None, variant, False, layout.missing_site_reason(path))
     return Resolution(parsed, site, canonical_key(site, parsed.part, parsed.kind), variant, added_linear, None)

@@ -11,7 +11,7 @@ import torch
 
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.fixtures import load_tiny_model
-from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.layout import Absence, Gemma4Layout
 
 
 def _model_facts(model) -> tuple[dict, dict, dict]:
@@ -72,9 +72,11 @@ def test_default_fixture_has_every_hard_feature(tiny_dir: Path) -> None:
 
 def test_reuse_layers_explain_missing_kv(tiny_dir: Path) -> None:
     layout = Gemma4Layout.from_model_dir(tiny_dir)
-    assert "KV-shared" in layout.missing_site_reason("model.language_model.layers.3.self_attn.k_proj")
-    assert "k_eq_v" in layout.missing_site_reason("model.language_model.layers.1.self_attn.v_proj")
-    assert layout.missing_site_reason("model.language_model.layers.0.self_attn.v_proj") is None
+    kv_shared = layout.missing_site_reason("model.language_model.layers.3.self_attn.k_proj")
+    assert kv_shared.code == Absence.KV_SHARED and "KV-shared" in kv_shared.message
+    k_eq_v = layout.missing_site_reason("model.language_model.layers.1.self_attn.v_proj")
+    assert k_eq_v.code == Absence.K_EQ_V and "k_eq_v" in k_eq_v.message
+    assert layout.missing_site_reason("model.language_model.layers.0.self_attn.v_proj").code == Absence.UNKNOWN_MODULE
 
 
 def test_layout_reads_headers_not_data(tiny_dir: Path, tmp_path: Path) -> None:
