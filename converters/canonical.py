@@ -146,6 +146,7 @@ class CanonicalPlan:
     renamed: int
     zero3: Zero3Checkpoint | None
     _source: TensorSource = field(repr=False)
+    layout: Gemma4Layout | None = field(default=None, repr=False)  # the base it was planned against
 
     @property
     def broken(self) -> list[Problem]:
@@ -373,6 +374,7 @@ class _Planner:
             renamed=renamed,
             zero3=zero3,
             _source=self.src,
+            layout=self.layout,
         )
         plan_.zero3_names = zero3_names
         return plan_

@@ -159,6 +159,11 @@ class TextLayer:
     def has_v_proj(self) -> bool:
         return self.kv_role != "reuse" and not self.k_eq_v
 
+    @property
+    def v_is_k_proj(self) -> bool:
+        """V is this layer's own k_proj output, so a k_proj LoRA changes V as well (transformers)."""
+        return self.k_eq_v and self.has_k_proj
+
 
 @dataclass(frozen=True)
 class Gemma4Layout:
@@ -187,10 +192,18 @@ class Gemma4Layout:
     @cached_property
     def k_eq_v_layers(self) -> tuple[int, ...]:
         """Layers whose V is the k_proj output: a k_proj LoRA there changes V as well."""
-        return tuple(layer.index for layer in self.text_layers if layer.k_eq_v and layer.has_k_proj)
+        return tuple(layer.index for layer in self.text_layers if layer.v_is_k_proj)
 
     def site(self, path: str) -> LinearSite | None:
         return self.linears.get(path)
+
+    def v_path_fed_by(self, site: LinearSite) -> str | None:
+        """The V module (base's own naming) whose delta is ``site``'s when ``site`` is the k_proj of
+        an attention_k_eq_v layer: servers that keep a separate V slice must give it k_proj's LoRA."""
+        layer = site.text_layer
+        if layer is None or not site.path.endswith(".self_attn.k_proj") or not self.text_layers[layer].v_is_k_proj:
+            return None
+        return site.model_path.removesuffix("k_proj") + "v_proj"
 
     def missing_site_reason(self, path: str) -> Reason:
         """Why ``path`` names no linear of this base (a Gemma 4 adapter may still carry it)."""

@@ -24,21 +24,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gemma4_bridge.converters.canonical import ModuleDelta, plan
+from gemma4_bridge.converters.canonical import CanonicalPlan, ModuleDelta, plan
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import LANGUAGE_MODEL, Gemma4Layout, text_layer_path
+from gemma4_bridge.layout import Gemma4Layout, text_layer_path
 from gemma4_bridge.names import lora_key
+from gemma4_bridge.servers import SGLANG_CLASS, SGLANG_TARGETS
 
 from .dims import PARENT, STACKED, slice_out_features, text_site
 
 logger = logging.getLogger(__name__)
-
-# The transformers linears whose LoRA SGLang applies, in the order SGLang stacks them.
-SGLANG_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ZERO3_FIX = (
-    "recover the real values first: gemma4-bridge convert ADAPTER_DIR OUT_DIR --base MODEL_DIR "
-    "--zero3-checkpoint DEEPSPEED_CHECKPOINT_DIR, then serve OUT_DIR"
-)
 
 
 @dataclass
@@ -70,21 +64,17 @@ def prepare_adapter(
     layout: Gemma4Layout,
 ) -> SGLangAdapter:
     """Normalise an adapter directory (or in-memory ``(config, tensors)``) for SGLang, or raise BridgeError."""
+    p = plan(adapter, layout, find_zero3=False)
+    SGLANG_CLASS.check(p)
+    return adapt_plan(p)
+
+
+def adapt_plan(p: CanonicalPlan) -> SGLangAdapter:
+    """The SGLang class profile's ``adapt``: stack, zero-fill, copy k_proj to V on k_eq_v layers, fold scaling."""
     import torch
 
-    p = plan(adapter, layout, find_zero3=False)
-    zero = [pr for pr in p.broken if pr.code == "zero-element"]
-    if zero:
-        raise BridgeError(
-            f"{p.weights_label}: {len(zero[0].tensors)} tensor(s) have zero elements (e.g. {zero[0].tensors[0]}): the "
-            "adapter was saved under DeepSpeed ZeRO-3 without gathering, and serving it would silently drop them.",
-            fix=ZERO3_FIX,
-        )
-    p.raise_if_broken()
-    _refuse_unservable(p.modules, p.weights_label)
-    if not p.modules:
-        raise BridgeError(f"{p.weights_label}: no LoRA tensors for the language model.", fix="check that this is the adapter you trained")
-
+    layout = p.layout
+    assert layout is not None, "the SGLang class always plans against the served base"
     rank = max(m.rank for m in p.modules)
     dtype = getattr(torch, p.modules[0].a.dtype)
     ref_scaling = _adapter_scaling(p.source_config)
@@ -104,7 +94,7 @@ def prepare_adapter(
             for leaf in group:
                 module = modules.get(leaf)
                 source = module
-                if leaf == "v_proj" and text_layer.k_eq_v and text_layer.has_k_proj:
+                if leaf == "v_proj" and text_layer.v_is_k_proj:
                     source = modules.get("k_proj")  # V is the k_proj output: same delta
                     if source is not None:
                         k_eq_v_layers.append(layer)
@@ -133,27 +123,6 @@ def prepare_adapter(
         alpha_pattern={},
     )
     return SGLangAdapter(config, tensors, p.source, p.flavours, p.dropped, sorted(set(k_eq_v_layers)), folded)
-
-
-def _refuse_unservable(modules: list[ModuleDelta], label: str) -> None:
-    towers = [m for m in modules if m.site.component != LANGUAGE_MODEL]
-    if towers:
-        kinds = sorted({m.site.component for m in towers})
-        raise BridgeError(
-            f"{label}: {len(towers)} LoRA module(s) target {', '.join(kinds)} (e.g. {towers[0].a.source_key}); "
-            "SGLang applies LoRA to the language model only, so they would be lost (or mis-applied to text layers).",
-            fix="serve this adapter with vLLM and the gemma4-bridge plugin (it applies tower LoRA), or retrain with "
-            r"target_modules limited to the language model, e.g. '.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'",
-        )
-    other = [m for m in modules if m.site.leaf not in SGLANG_TARGETS or m.site.text_layer is None]
-    if other:
-        names = sorted({m.site.leaf for m in other})
-        raise BridgeError(
-            f"{label}: {len(other)} LoRA module(s) target {', '.join(names)} (e.g. {other[0].a.source_key}); SGLang "
-            f"applies Gemma 4 LoRA only to {', '.join(SGLANG_TARGETS)}, so they would be lost.",
-            fix="serve this adapter with vLLM and the gemma4-bridge plugin, or retrain without those modules "
-            "(PEFT 'all-linear' includes per_layer_input_gate / per_layer_projection)",
-        )
 
 
 def _adapter_scaling(config: Mapping[str, Any]) -> float:

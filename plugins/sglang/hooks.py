@@ -1,4 +1,4 @@
-"""The two places where gemma4-bridge changes SGLang's behaviour, each narrow and named.
+"""The three places where gemma4-bridge changes SGLang's behaviour, each narrow and named.
 
 1. Model class resolution (:data:`upstream.RESOLVE_MODEL`): just before SGLang resolves a
    checkpoint's architecture, our class becomes the registry's ``Gemma4ForConditionalGeneration``
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import pkgutil
 from pathlib import Path
 from typing import Any
 
 from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.servers import resolve_local_dir
 
 from .adapter import SGLangAdapter, prepare_adapter
 from .upstream import (
@@ -119,15 +119,11 @@ def text_layer_linears(base_model: Any) -> dict[tuple[str, int], Any]:
 
 def resolve_adapter_dir(lora_path: str) -> Path:
     """A local adapter directory, or the hub snapshot SGLang itself would download."""
-    if os.path.isdir(lora_path):
-        return Path(lora_path)
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(lora_path, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-    except Exception as exc:
+        return resolve_local_dir(lora_path, None, ("*.json", "*.safetensors", "*.bin"), download=True)
+    except LookupError as exc:
         raise BridgeError(
-            f"{lora_path}: not a local adapter directory, and fetching it failed ({type(exc).__name__}: {exc}).",
+            f"{lora_path}: not a local adapter directory, and fetching it failed ({exc}).",
             fix="pass the directory PEFT's save_pretrained wrote",
         ) from exc
 

@@ -14,6 +14,7 @@ from typing import Any
 from gemma4_bridge import __version__
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.servers import MODEL_FILES, resolve_local_dir
 
 from . import hooks
 from .dims import lora_dims
@@ -69,18 +70,10 @@ def require_kv_heads_per_rank(layout: Gemma4Layout) -> None:
 def model_dir_of(config: Any) -> Path:
     """The local directory the model was loaded from (``config.name_or_path``, or its hub cache)."""
     name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", ""))
-    if name and (Path(name) / "config.json").is_file():
-        return Path(name)
-    if name:
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
-        except Exception as exc:  # not a hub id, or not downloaded
-            reason = f"{type(exc).__name__}: {exc}"
-    else:
-        reason = "the config has no name_or_path"
-    raise BridgeError(
-        f"gemma4-bridge could not find the Gemma 4 checkpoint SGLang loaded ({name or '?'}): {reason}.",
-        fix="pass --model-path a local model directory, or download the model first (huggingface-cli download)",
-    )
+    try:
+        return resolve_local_dir(name, "config.json", MODEL_FILES)
+    except LookupError as exc:
+        raise BridgeError(
+            f"gemma4-bridge could not find the Gemma 4 checkpoint SGLang loaded ({name or '?'}): {exc}.",
+            fix="pass --model-path a local model directory, or download the model first (huggingface-cli download)",
+        ) from exc

@@ -10,8 +10,11 @@ only adds what is specific to vLLM 0.32:
 * tower / connector LoRA without ``--enable-tower-connector-lora`` would load and be ignored.
 * LoRA on a linear that does not act on tokens (audio ``relative_k_proj``) cannot be batched by
   vLLM's per-token LoRA kernels.
-* ZeRO-3-damaged tensors are refused here (serving never reads DeepSpeed pickles); ``convert``
+* ZeRO-3-damaged tensors are refused (serving never reads DeepSpeed pickles); ``convert``
   recovers them once, offline.
+
+The refusals (all but the non-token one) are the plugin's :class:`~gemma4_bridge.servers.VLLMPlugin`
+profile, the same code ``gemma4-bridge inspect`` predicts this server's verdict with.
 
 Nothing is written anywhere: the user's adapter directory is only read.
 """
@@ -21,22 +24,20 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gemma4_bridge.converters import CanonicalPlan, plan
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import NON_LANGUAGE, Gemma4Layout
-from gemma4_bridge.names import PEFT_PREFIX
+from gemma4_bridge.layout import COMPONENTS, Gemma4Layout
+from gemma4_bridge.names import lora_key
+from gemma4_bridge.servers import VLLM_PLUGIN, resolve_model_dir
 
 logger = logging.getLogger("vllm.gemma4_bridge")
 
-TOWER_FLAG = "--enable-tower-connector-lora"
-
-
 @dataclass(frozen=True)
 class ServingContext:
-    """What the plugin knows about the served base model, in every process that needs it."""
+    """What the plugin knows about the served base model, in every process that needs it
+    (the :class:`~gemma4_bridge.servers.ServerFlags` the plugin's profile checks against)."""
 
     layout: Gemma4Layout
     enable_tower_connector_lora: bool
@@ -44,6 +45,31 @@ class ServingContext:
     # Tower/connector components vLLM builds no LoRA layers for because their modality is off
     # (--limit-mm-per-prompt '{"audio": 0}'), with the modality that disables them.
     disabled_towers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def from_vllm(cls, model_config: Any, lora_config: Any, towers_served: bool) -> ServingContext | None:
+        """The one construction, for the front end and the workers: None without LoRA or a local checkpoint."""
+        if lora_config is None:
+            return None
+        model_dir = resolve_model_dir(model_config.model)
+        if model_dir is None:
+            return None
+        return cls(
+            layout=Gemma4Layout.from_model_dir(model_dir),
+            enable_tower_connector_lora=towers_served and bool(lora_config.enable_tower_connector_lora),
+            max_lora_rank=lora_config.max_lora_rank,
+            disabled_towers=disabled_towers(model_config),
+        )
+
+
+def disabled_towers(model_config: Any) -> tuple[tuple[str, str], ...]:
+    """Towers/connectors whose every input modality is limited to 0 items: vLLM then wraps none of their linears for LoRA."""
+    mm = getattr(model_config, "multimodal_config", None)
+    if mm is None:
+        return ()
+    return tuple(
+        (c.name, c.inputs[0]) for c in COMPONENTS if c.inputs and all(mm.get_limit_per_prompt(m) == 0 for m in c.inputs)
+    )
 
 
 @dataclass
@@ -56,44 +82,15 @@ class PreparedAdapter:
     k_eq_v_copies: list[str] = field(default_factory=list)  # v_proj paths that received k_proj's factors
 
 
-def resolve_model_dir(model: str) -> Path | None:
-    """The local directory of the served model (a path, or a hub id already in the local cache)."""
-    if Path(model, "config.json").is_file():
-        return Path(model)
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(model, local_files_only=True, allow_patterns=["config.json", "*.safetensors*"])
-    except Exception:
-        return None
-    return Path(local) if Path(local, "config.json").is_file() else None
-
-
 def check_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext) -> CanonicalPlan:
     """Decide, from safetensors headers only, whether vLLM can serve ``adapter_dir`` as trained.
 
-    Raises :class:`BridgeError` naming the tensor and the fix; returns the plan otherwise.
+    The refusals are the plugin profile's (what ``inspect`` predicts), then the LoRA-on-non-token
+    linears one. Raises :class:`BridgeError` naming the tensor and the fix; returns the plan otherwise.
     """
     p = plan(adapter_dir, ctx.layout, find_zero3=False)
-    damaged = [prob for prob in p.broken if prob.code == "zero-element"]
-    if damaged:
-        prob = damaged[0]
-        raise BridgeError(
-            f"{p.weights_label}: {len(prob.tensors)} tensor(s) have zero elements (e.g. {prob.tensors[0]}): the "
-            "adapter was saved under DeepSpeed ZeRO-3 without gathering, so serving it would apply no delta there.",
-            fix=f"recover the values once with 'gemma4-bridge convert {p.source} OUT --zero3-checkpoint "
-            "<DeepSpeed checkpoint dir>' and serve OUT",
-        )
-    p.raise_if_broken()
-    _check_sites(p, ctx)
-    if ctx.max_lora_rank is not None:
-        too_big = [m for m in p.modules if m.rank > ctx.max_lora_rank]
-        if too_big:
-            raise BridgeError(
-                f"{p.weights_label}: module {too_big[0].site.path} has LoRA rank {too_big[0].rank}, above the "
-                f"server's max_lora_rank {ctx.max_lora_rank}.",
-                fix=f"restart vLLM with --max-lora-rank {max(m.rank for m in p.modules)} (or higher)",
-            )
+    VLLM_PLUGIN.check(p, ctx)
+    _check_non_token(p)
     return p
 
 
@@ -109,7 +106,7 @@ def check_values(p: CanonicalPlan) -> None:
         p.close()
 
 
-def _check_sites(p: CanonicalPlan, ctx: ServingContext) -> None:
+def _check_non_token(p: CanonicalPlan) -> None:
     non_token = [m.site for m in p.modules if not m.site.token_wise]
     if non_token:
         names = ", ".join(sorted(s.path for s in non_token))
@@ -119,42 +116,30 @@ def _check_sites(p: CanonicalPlan, ctx: ServingContext) -> None:
             fix="merge the adapter into the base weights ('gemma4-bridge merge') and serve the merged model, or "
             "retrain with exclude_modules=['relative_k_proj']",
         )
-    towers = [m.site for m in p.modules if m.site.component in NON_LANGUAGE]
-    for component, modality in ctx.disabled_towers:
-        off = [s for s in towers if s.component == component]
-        if off and ctx.enable_tower_connector_lora:
-            raise BridgeError(
-                f"{p.weights_label}: {len(off)} LoRA module(s) target {component} (e.g. {off[0].path}), but the server "
-                f"runs with {modality} inputs disabled (--limit-mm-per-prompt {modality}=0), so vLLM built no LoRA layers "
-                "there and would ignore them.",
-                fix=f"allow {modality} inputs (e.g. --limit-mm-per-prompt '{{\"{modality}\": 1}}') or serve an adapter without {component} LoRA",
-            )
-    if towers and not ctx.enable_tower_connector_lora:
-        raise BridgeError(
-            f"{p.weights_label}: {len(towers)} LoRA module(s) target the vision/audio towers or their connectors "
-            f"(e.g. {towers[0].path}); vLLM started without {TOWER_FLAG} would load them and silently ignore them.",
-            fix=f"restart vLLM with {TOWER_FLAG} (LLM(..., enable_tower_connector_lora=True))",
-        )
 
 
 def prepare_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext) -> PreparedAdapter:
     """Canonical tensors (values read once, mmap) plus the vLLM fixes; logs what was dropped or added."""
-    p = check_adapter(adapter_dir, ctx)
+    return adapt_plan(check_adapter(adapter_dir, ctx))
+
+
+def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
+    """The plugin profile's ``adapt``: load the plan's tensors and give V slices k_proj's LoRA."""
+    assert p.layout is not None, "the plugin always plans against the served base"
     tensors: dict[str, Any] = {}
     config = dict(p.config)
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
     copies: list[str] = []
-    k_eq_v = set(ctx.layout.k_eq_v_layers)
     for module in p.modules:
         a, b = p.load(module.a), p.load(module.b)
         tensors[module.a.key], tensors[module.b.key] = a, b
-        if module.site.text_layer in k_eq_v and module.site.path.endswith(".self_attn.k_proj"):
-            v_path = module.site.model_path.removesuffix("k_proj") + "v_proj"
+        v_path = p.layout.v_path_fed_by(module.site)
+        if v_path is not None:
             # Copies, not aliases: vLLM scales lora_B in place per module (LoRALayerWeights.optimize),
             # so a shared tensor would be scaled twice (measured: K and V got 2x the delta).
-            tensors[f"{PEFT_PREFIX}{v_path}.lora_A.weight"] = a.clone()
-            tensors[f"{PEFT_PREFIX}{v_path}.lora_B.weight"] = b.clone()
+            tensors[lora_key(v_path, "lora_A")] = a.clone()
+            tensors[lora_key(v_path, "lora_B")] = b.clone()
             for pattern, value in ((rank_pattern, module.rank), (alpha_pattern, module.alpha)):
                 if module.site.model_path in pattern:
                     pattern[v_path] = value

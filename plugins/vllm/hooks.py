@@ -42,7 +42,7 @@ from typing import Any
 
 from gemma4_bridge.errors import BridgeError
 
-from .adapter import ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter, resolve_model_dir
+from .adapter import ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter
 
 # (module, qualified name, parameters the wrapper passes on or reads)
 HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -239,32 +239,10 @@ def _frontend_context(processor: Any) -> ServingContext | None:
     model_config = processor.model_config
     archs = list(getattr(model_config, "architectures", None) or [])
     ctx = None
-    if processor.lora_config and any(a in ARCHITECTURES for a in archs):
-        model_dir = resolve_model_dir(model_config.model)
-        if model_dir is not None:
-            from gemma4_bridge.layout import Gemma4Layout
-
-            ctx = ServingContext(
-                Gemma4Layout.from_model_dir(model_dir),
-                enable_tower_connector_lora=archs[0] == "Gemma4ForConditionalGeneration"
-                and bool(processor.lora_config.enable_tower_connector_lora),
-                max_lora_rank=processor.lora_config.max_lora_rank,
-                disabled_towers=_disabled_towers(model_config),
-            )
+    if any(a in ARCHITECTURES for a in archs):
+        ctx = ServingContext.from_vllm(model_config, processor.lora_config, towers_served=archs[0] == "Gemma4ForConditionalGeneration")
     processor._gemma4_bridge_ctx = ctx
     return ctx
-
-
-def _disabled_towers(model_config: Any) -> tuple[tuple[str, str], ...]:
-    """Towers whose modality is limited to 0 items: vLLM then wraps none of their linears for LoRA."""
-    mm = getattr(model_config, "multimodal_config", None)
-    if mm is None:
-        return ()
-    from gemma4_bridge.layout import COMPONENTS
-
-    return tuple(
-        (c.name, c.inputs[0]) for c in COMPONENTS if c.inputs and all(mm.get_limit_per_prompt(m) == 0 for m in c.inputs)
-    )
 
 
 def _stamp(path: str) -> tuple[str, int, int]:

@@ -18,9 +18,9 @@ from vllm.model_executor.models.gemma4 import Gemma4ForCausalLM
 from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
-from gemma4_bridge.layout import ENCODER_ITEM_KEYS, Gemma4Layout
+from gemma4_bridge.layout import ENCODER_ITEM_KEYS
 
-from .adapter import ServingContext, resolve_model_dir
+from .adapter import ServingContext
 
 
 @dataclass
@@ -37,17 +37,7 @@ class BridgeWeightsMapper(WeightsMapper):
 
 def serving_context(vllm_config: VllmConfig, towers_served: bool) -> ServingContext | None:
     """Layout of the served checkpoint (headers only) and the LoRA flags; None without LoRA."""
-    lora = vllm_config.lora_config
-    if lora is None:
-        return None
-    model_dir = resolve_model_dir(vllm_config.model_config.model)
-    if model_dir is None:
-        return None
-    return ServingContext(
-        layout=Gemma4Layout.from_model_dir(model_dir),
-        enable_tower_connector_lora=towers_served and bool(lora.enable_tower_connector_lora),
-        max_lora_rank=lora.max_lora_rank,
-    )
+    return ServingContext.from_vllm(vllm_config.model_config, vllm_config.lora_config, towers_served)
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
