@@ -4,7 +4,9 @@ Importing this package does not import torch; functions load it when they need t
 ``canonicalize`` is the one entry point the serving plugins share with ``convert``.
 """
 
-from .canonical import CanonicalPlan, Problem, canonicalize, effective_rank_alpha, find_layout, lora_scaling, plan
+from .canonical import canonicalize, find_layout, plan
+from .peft_config import effective_rank_alpha, lora_scaling
+from .plans import CanonicalPlan, Problem
 from .convert import convert_adapter
 from .inspect import InspectReport, inspect_adapter
 from .merge import merge_adapter

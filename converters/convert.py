@@ -16,7 +16,8 @@ from typing import Any
 from gemma4_bridge.adapter_io import CONFIG_NAME, METADATA_KEY, SAFETENSORS_NAME, AdapterDir, atomic_output_dir
 from gemma4_bridge.errors import BridgeError
 
-from .canonical import CanonicalPlan, find_layout, plan
+from .canonical import find_layout, plan
+from .plans import CanonicalPlan
 from .safetensors_stream import TensorSpec, write_streaming
 
 log = logging.getLogger("gemma4_bridge.convert")

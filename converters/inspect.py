@@ -16,7 +16,8 @@ from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError, ErrorCode
 from gemma4_bridge.servers import PROFILES, LoadStatus
 
-from .canonical import CanonicalPlan, Problem, find_layout, plan
+from .canonical import find_layout, plan
+from .plans import CanonicalPlan, Problem
 
 Status = Literal["healthy", "fixable", "broken"]
 EXIT_CODES: dict[str, int] = {"healthy": 0, "fixable": 1, "broken": 3}

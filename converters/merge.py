@@ -20,7 +20,8 @@ from gemma4_bridge.adapter_io import AdapterDir, atomic_output_dir
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, read_safetensors_header
 
-from .canonical import CanonicalPlan, ModuleDelta, plan
+from .canonical import plan
+from .plans import CanonicalPlan, ModuleDelta
 from .convert import progress_bar, refuse_overwriting_input
 from .safetensors_stream import SafetensorsReader, TensorSpec, write_streaming
 

@@ -21,7 +21,7 @@ from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import LANGUAGE_MODEL, NON_LANGUAGE, Gemma4Layout
 
 if TYPE_CHECKING:
-    from gemma4_bridge.converters.canonical import CanonicalPlan, Problem
+    from gemma4_bridge.converters.plans import CanonicalPlan, Problem
 
 Effect = Literal["fails", "loads, silently wrong", "note"]
 LoadStatus = Literal["loads", "loads, silently wrong", "fails"]

@@ -312,7 +312,7 @@ def lora_config(model: torch.nn.Module, config: Any) -> Any:
 
 
 def _expand_pattern(pattern: Mapping[str, Any] | None, targets: Iterable[str], wrapper_of: Mapping[str, str]) -> dict[str, Any]:
-    from peft.utils.other import get_pattern_key
+    from gemma4_bridge.converters.peft_config import pattern_key
 
     if not pattern:
         return {}
@@ -321,8 +321,8 @@ def _expand_pattern(pattern: Mapping[str, Any] | None, targets: Iterable[str], w
         for name in (target, wrapper_of.get(target)):
             if name is None:
                 continue
-            key = get_pattern_key(list(pattern), name)
-            if key in pattern:
+            key = pattern_key(pattern, name)
+            if key is not None:
                 expanded[target] = pattern[key]
                 break
     return expanded

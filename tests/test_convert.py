@@ -123,6 +123,26 @@ def test_converted_logits_with_stock_peft(variant: str, converted: dict, referen
         assert err < 1e-5, f"{variant}/{kind}: logits differ by {err} (adapter moves them by {moved})"
 
 
+def test_pattern_key_is_peft_matching() -> None:
+    """The one rank/alpha pattern matcher (planner and training wrapper) picks what PEFT picks."""
+    from peft.utils.other import get_pattern_key
+
+    from gemma4_bridge.converters.peft_config import pattern_key
+
+    patterns = ["q_proj", "linear", r"layers\.0\.self_attn\.k_proj", "vision_tower.encoder.layers.0.mlp.down_proj", "mlp\.\w+_proj"]
+    names = [
+        "model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.self_attn.k_proj",
+        "model.language_model.layers.10.self_attn.k_proj", "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear",
+        "model.vision_tower.encoder.layers.0.mlp.down_proj", "model.language_model.layers.1.mlp.gate_proj",
+        "model.language_model.layers.1.self_attn.o_proj", "xq_proj",
+    ]  # fmt: skip
+    for name in names:
+        peft_key = get_pattern_key(patterns, name)
+        assert pattern_key(patterns, name) == (peft_key if peft_key in patterns else None), name
+    assert pattern_key(patterns, "model.language_model.layers.1.self_attn.o_proj") is None
+    assert pattern_key(patterns, "xq_proj") is None  # a suffix must start at a dot
+
+
 def test_rank_alpha_patterns_and_rslora_preserved(tiny_dir: Path, tmp_path: Path) -> None:
     """rsLoRA + rank_pattern + alpha_pattern, also when the source names tower wrappers (custom clippable)."""
     src = write_peft_adapter(

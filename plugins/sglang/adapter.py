@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gemma4_bridge.converters.canonical import CanonicalPlan, ModuleDelta, plan
+from gemma4_bridge.converters.canonical import plan
+from gemma4_bridge.converters.peft_config import int_if_whole, lora_scaling
+from gemma4_bridge.converters.plans import CanonicalPlan, ModuleDelta
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, text_layer_path
 from gemma4_bridge.names import lora_key
@@ -117,7 +119,7 @@ def adapt_plan(p: CanonicalPlan) -> SGLangAdapter:
     config.update(
         target_modules=[t for t in SGLANG_TARGETS if t in targets],
         r=rank,
-        lora_alpha=_int_if_whole(ref_scaling * rank),  # SGLang's scaling lora_alpha / r == the adapter's PEFT scaling
+        lora_alpha=int_if_whole(ref_scaling * rank),  # SGLang's scaling lora_alpha / r == the adapter's PEFT scaling
         use_rslora=False,
         rank_pattern={},
         alpha_pattern={},
@@ -127,13 +129,7 @@ def adapt_plan(p: CanonicalPlan) -> SGLangAdapter:
 
 def _adapter_scaling(config: Mapping[str, Any]) -> float:
     """The adapter-wide PEFT scaling (from ``r`` and ``lora_alpha``), the reference for folding."""
-    from gemma4_bridge.converters.canonical import lora_scaling
-
     return lora_scaling(config, int(config.get("r", 8)), float(config.get("lora_alpha", 8)))
-
-
-def _int_if_whole(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
 
 
 def _in_features(layout: Gemma4Layout, layer: int, leaf: str) -> int:

@@ -1,0 +1,61 @@
+"""PEFT's LoRA config semantics, in one place: rank/alpha per module, scaling, the canonical config.
+
+Matching follows PEFT itself (``peft.utils.other.get_pattern_key``, used when PEFT builds the
+layers): a ``rank_pattern``/``alpha_pattern`` key is a regex that must match a dotted suffix of the
+module name, and the first matching key in the dict's order wins. The planner and the training
+wrapper both match through :func:`pattern_key`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .plans import ModuleDelta
+
+# Config fields that only select modules; the canonical config lists modules explicitly instead.
+SELECTION_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")
+
+
+def pattern_key(keys: Iterable[str], module: str) -> str | None:
+    """The first ``rank_pattern``/``alpha_pattern`` key that applies to ``module``, as PEFT picks it; None if none."""
+    return next((key for key in keys if re.match(rf"(.*\.)?({key})$", module)), None)
+
+
+def effective_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """(r, alpha) PEFT uses for ``module``."""
+    r = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", 8))
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r_key, alpha_key = pattern_key(rank_pattern, module), pattern_key(alpha_pattern, module)
+    return (int(rank_pattern[r_key]) if r_key is not None else r), (float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha)
+
+
+def lora_scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
+    """PEFT's scaling of a module's B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+
+
+def int_if_whole(x: float) -> int | float:
+    """8.0 -> 8 in written configs (as PEFT writes them); 0.5 stays."""
+    return int(x) if float(x).is_integer() else x
+
+
+def canonical_config(source: Mapping[str, Any], modules: list[ModuleDelta]) -> dict[str, Any]:
+    """The canonical adapter_config.json: explicit module list, per-module rank/alpha where they differ."""
+    config = {k: v for k, v in source.items() if k not in SELECTION_FIELDS}
+    r, alpha = int(source.get("r", 8)), float(source.get("lora_alpha", 8))
+    config["target_modules"] = sorted(m.site.model_path for m in modules)
+    config["rank_pattern"] = {m.site.model_path: m.rank for m in sorted(modules, key=lambda m: m.site.path) if m.rank != r}
+    config["alpha_pattern"] = {
+        m.site.model_path: int_if_whole(m.alpha) for m in sorted(modules, key=lambda m: m.site.path) if m.alpha != alpha
+    }
+    config["modules_to_save"] = None
+    config["peft_type"] = "LORA"
+    config.setdefault("bias", "none")
+    config.setdefault("use_rslora", False)
+    config.setdefault("lora_alpha", int_if_whole(alpha))
+    return config

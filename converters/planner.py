@@ -1,0 +1,361 @@
+"""The planner's steps: config checks, key resolution, ZeRO-3 recovery, A/B pairing, classification.
+
+One :class:`Planner` per :func:`~.canonical.plan` call; it collects :class:`~.plans.Problem` s
+instead of raising, and returns a :class:`~.plans.CanonicalPlan`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Absence, Gemma4Layout, LinearSite
+from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, lora_key, parse_key, resolve_key
+
+from .peft_config import canonical_config, effective_rank_alpha, lora_scaling
+from .plans import CanonicalPlan, ModuleDelta, PlannedTensor, Problem, Severity
+from .sources import TensorSource
+
+if TYPE_CHECKING:
+    from .zero3 import Zero3Checkpoint
+
+
+class Planner:
+    """Builds a :class:`CanonicalPlan`; one instance per call."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        source: TensorSource,
+        layout: Gemma4Layout | None,
+        source_label: str,
+        weights_label: str,
+        is_pickle: bool,
+        adapter_dir: Path | None,
+        zero3_checkpoint: str | os.PathLike[str] | None,
+        find_zero3: bool,
+    ) -> None:
+        self.config, self.src, self.layout = config, source, layout
+        self.source_label, self.label, self.is_pickle = source_label, weights_label, is_pickle
+        self.adapter_dir, self.zero3_arg, self.find_zero3 = adapter_dir, zero3_checkpoint, find_zero3
+        self.problems: list[Problem] = []
+        self.flavours: list[str] = []
+        self.dropped: list[tuple[str, str]] = []
+        self.zero3_shapes: dict[str, tuple[int, ...]] = {}  # canonical key -> true shape in the checkpoint
+
+    def problem(self, code: str, severity: Severity, message: str, fix: str = "", tensors: tuple[str, ...] = ()) -> None:
+        self.problems.append(Problem(code, severity, message, fix, tensors))
+
+    def flavour(self, name: str) -> None:
+        if name not in self.flavours:
+            self.flavours.append(name)
+
+    # -- the steps -------------------------------------------------------------------------
+    def run(self) -> CanonicalPlan:
+        self._check_config()
+        resolved = self._resolve_keys()
+        zero3, zero3_names = self._zero3(resolved)
+        tensors, modules = self._pair(resolved, zero3, zero3_names)
+        renamed = sum(1 for t in tensors if t.key != t.source_key)
+        self._classify(resolved, renamed)
+        canonical_config_ = canonical_config(self.config, modules)
+        plan_ = CanonicalPlan(
+            source=self.source_label,
+            weights_label=self.label,
+            source_config=self.config,
+            config=canonical_config_,
+            flavours=self.flavours,
+            problems=self.problems,
+            tensors=tensors,
+            modules=modules,
+            dropped=self.dropped,
+            renamed=renamed,
+            zero3=zero3,
+            _source=self.src,
+            layout=self.layout,
+        )
+        plan_.zero3_names = zero3_names
+        return plan_
+
+    def _check_config(self) -> None:
+        c, where = self.config, f"{self.source_label}/adapter_config.json"
+        if c.get("modules_to_save"):
+            self.problem(
+                "modules-to-save", "broken",
+                f"{where}: modules_to_save={c['modules_to_save']} holds fully trained modules, which vLLM and SGLang "
+                "cannot load as LoRA (vLLM refuses the adapter).",
+                "retrain without modules_to_save, or serve the merged model from 'gemma4-bridge merge' after "
+                "merging those modules with PEFT's merge_and_unload",
+            )  # fmt: skip
+        if c.get("use_dora"):
+            self.problem(
+                "dora", "broken", f"{where}: use_dora=true; DoRA's delta is not scaling * B @ A and no server here loads it.",
+                "merge it with PEFT's merge_and_unload and serve the merged model, or retrain with plain LoRA",
+            )
+        if str(c.get("bias", "none")) != "none" or c.get("lora_bias"):
+            self.problem(
+                "bias", "broken", f"{where}: bias={c.get('bias')!r} / lora_bias={c.get('lora_bias')!r}: trained biases are not LoRA weights servers load.",
+                "retrain with bias='none' and lora_bias=false, or merge with PEFT and serve the merged model",
+            )
+        if isinstance(c.get("target_modules"), str):
+            self.flavour("regex-target-modules")
+            self.problem(
+                "regex-target-modules", "fixable",
+                f"{where}: target_modules is the pattern {c['target_modules']!r}; SGLang rejects patterns and other "
+                "tools may expand them differently.",
+                "gemma4-bridge convert writes the explicit module list",
+            )  # fmt: skip
+
+    def _resolve_keys(self) -> list[tuple[Resolution, tuple[int, ...], str]]:
+        """Resolve every key; collect problems for keys that are not usable LoRA weights."""
+        out: list[tuple[Resolution, tuple[int, ...], str]] = []
+        seen: dict[str, str] = {}
+        for key, (shape, dtype) in self.src.specs.items():
+            parsed = parse_key(key)
+            if parsed is None:
+                code = "modules-to-save" if self.config.get("modules_to_save") or "modules_to_save" in key else "not-lora"
+                if code == "not-lora" and key.endswith(".bias"):
+                    code = "bias"
+                self.problem(
+                    code, "broken",
+                    f"{self.label}: tensor {key} is not a LoRA factor (lora_A/lora_B); servers cannot load it as LoRA.",
+                    "remove it (retrain without modules_to_save/bias), or merge with PEFT and serve the merged model",
+                    (key,),
+                )  # fmt: skip
+                continue
+            if parsed.part == "lora_magnitude_vector":
+                self.problem("dora", "broken", f"{self.label}: tensor {key} is a DoRA magnitude vector.",
+                             "merge with PEFT's merge_and_unload, or retrain with plain LoRA", (key,))  # fmt: skip
+                continue
+            if parsed.part.startswith("lora_embedding"):
+                self.problem("embedding-lora", "broken", f"{self.label}: tensor {key} is an embedding LoRA; gemma4-bridge handles LoRA on linear layers only.",
+                             "retrain without the embedding in target_modules", (key,))  # fmt: skip
+                continue
+            if parsed.kind == "bias":
+                self.problem("bias", "broken", f"{self.label}: tensor {key} is a LoRA bias (lora_bias=true), which servers do not load.",
+                             "retrain with lora_bias=false, or merge with PEFT and serve the merged model", (key,))  # fmt: skip
+                continue
+            if parsed.adapter_name:
+                self.flavour("adapter-name-in-keys")
+            if not parsed.had_peft_prefix:
+                self.flavour("no-peft-prefix")
+            res = self._resolve(key)
+            assert res is not None
+            # A naming row that only restates the base's own naming (causal-LM keys on a text-only
+            # Gemma4ForCausalLM base) is not a flavour to fix.
+            own_naming = res.site is not None and parsed.module.removesuffix(".linear") == res.site.model_path.removesuffix(".linear")
+            if res.variant not in ("transformers", "unknown") and not own_naming:
+                self.flavour(f"{res.variant}-naming")
+            if res.added_linear:
+                self.flavour("custom-clippable")
+            if self.layout is not None and res.site is None:
+                self._unresolved(res)
+                continue
+            if res.canonical_key in seen:
+                self.problem(
+                    "duplicate", "broken",
+                    f"{self.label}: tensors {seen[res.canonical_key]} and {key} are both {res.canonical_key} "
+                    "(two adapters saved in one file?).",
+                    "save one adapter per directory (PEFT save_pretrained with selected_adapters)", (key,),
+                )  # fmt: skip
+                continue
+            seen[res.canonical_key] = key
+            out.append((res, shape, dtype))
+        return out
+
+    def _resolve(self, key: str) -> Resolution | None:
+        """resolve_key against the base; without a base, the naming table alone (no site, no ``.linear``)."""
+        if self.layout is not None:
+            return resolve_key(key, self.layout)
+        parsed = parse_key(key)
+        if parsed is None:
+            return None
+        path, variant = canonical_module_path(parsed.module)
+        return Resolution(parsed, None, lora_key(path, parsed.part, parsed.kind), variant, False, None)
+
+    def _unresolved(self, res: Resolution) -> None:
+        key = res.parsed.key
+        assert self.layout is not None and res.reason is not None
+        reason = res.reason.message
+        if res.reason.code in (Absence.KV_SHARED, Absence.K_EQ_V):
+            self.flavour("kv-shared-extras")
+            self.dropped.append((key, reason))
+            self.problem("absent-module", "fixable", f"{self.label}: tensor {key}: {reason}.", "convert drops it (the model never uses it)", (key,))
+        elif res.reason.code == Absence.NO_TOWER:
+            self.problem(
+                "missing-tower", "broken", f"{self.label}: tensor {key}: {reason}; this adapter was trained on a model with that tower.",
+                "pass --base with the model the adapter was trained on", (key,),
+            )  # fmt: skip
+        else:
+            self.problem(
+                "unknown-module", "broken",
+                f"{self.label}: tensor {key} targets {res.parsed.module}, which the base model {self.layout.source} does not have "
+                f"({reason}); the adapter was trained for another model (size).",
+                "pass --base with the Gemma 4 checkpoint the adapter was trained on", (key,),
+            )  # fmt: skip
+
+    def _zero3(self, resolved: list[tuple[Resolution, tuple[int, ...], str]]) -> tuple[Zero3Checkpoint | None, dict[str, str]]:
+        damaged = [r.parsed.key for r, shape, _ in resolved if 0 in shape]
+        if not damaged:
+            if self.zero3_arg is not None:
+                self.problem("zero3-unused", "note", f"{self.label}: no zero-element tensors, so --zero3-checkpoint was not needed.")
+            return None, {}
+        self.flavour("zero3-damaged")
+        from .zero3 import Zero3Checkpoint, locate_checkpoint
+
+        if self.zero3_arg is None and not self.find_zero3:
+            self.problem(
+                "zero-element", "broken",
+                f"{self.label}: {len(damaged)} tensor(s) have zero elements (e.g. {damaged[0]}): saved under DeepSpeed ZeRO-3 without gathering.",
+                "pass the DeepSpeed checkpoint directory (the one with 'latest' and global_stepN/)", tuple(damaged),
+            )  # fmt: skip
+            return None, {}
+        try:
+            ckpt_dir = locate_checkpoint(self.adapter_dir, self.zero3_arg)
+            zero3 = Zero3Checkpoint.open(ckpt_dir)
+        except BridgeError as err:
+            self.problem(
+                "zero-element", "broken",
+                f"{self.label}: {len(damaged)} tensor(s) have zero elements (e.g. {damaged[0]}): saved under DeepSpeed "
+                f"ZeRO-3 without gathering, and the real values could not be recovered: {err.message}",
+                err.fix or "", tuple(damaged),
+            )  # fmt: skip
+            return None, {}
+        names: dict[str, str] = {}
+        by_canonical: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name, shape in zero3.param_shapes.items():
+            res = self._resolve(name)
+            ckey = res.canonical_key if res is not None else None
+            if ckey:
+                by_canonical[ckey] = (name, shape)
+        missing = [r.parsed.key for r, shape, _ in resolved if 0 in shape and r.canonical_key not in by_canonical]
+        if missing:
+            self.problem(
+                "zero3-mismatch", "broken",
+                f"{zero3.tag_dir}: the DeepSpeed checkpoint has no values for {len(missing)} damaged tensor(s) (e.g. {missing[0]}).",
+                "pass --zero3-checkpoint with the checkpoint saved by the same training run", tuple(missing),
+            )  # fmt: skip
+        for res, _, _ in resolved:
+            if res.canonical_key in by_canonical:
+                names[res.canonical_key] = by_canonical[res.canonical_key][0]
+        self.zero3_shapes = {k: v[1] for k, v in by_canonical.items()}
+        self.problem(
+            "zero-element", "fixable",
+            f"{self.label}: {len(damaged)} tensor(s) have zero elements (ZeRO-3 saved them without gathering).",
+            f"convert recovers them from {zero3.tag_dir} ({zero3.world_size} rank(s))", tuple(damaged),
+        )  # fmt: skip
+        self._check_zero3_step(resolved, zero3, names)
+        return zero3, names
+
+    def _check_zero3_step(self, resolved: list[tuple[Resolution, tuple[int, ...], str]], zero3: Zero3Checkpoint, names: dict[str, str]) -> None:
+        """Intact tensors must equal the checkpoint's: else the checkpoint is from another step."""
+        import torch
+
+        for res, shape, dtype in resolved:
+            if 0 in shape or res.canonical_key not in names:
+                continue
+            saved = self.src.get(res.parsed.key)
+            recovered = zero3.recover(names[res.canonical_key]).to(saved.dtype)
+            if recovered.shape != saved.shape or not torch.equal(recovered, saved):
+                self.problem(
+                    "zero3-mismatch", "broken",
+                    f"{zero3.tag_dir}: tensor {res.parsed.key} differs between the adapter and the DeepSpeed checkpoint, "
+                    "so the checkpoint is from another training step.",
+                    "pass --zero3-checkpoint with the global_stepN directory saved at the same step as the adapter",
+                    (res.parsed.key,),
+                )  # fmt: skip
+                return
+
+    def _pair(
+        self, resolved: list[tuple[Resolution, tuple[int, ...], str]], zero3: Zero3Checkpoint | None, zero3_names: dict[str, str]
+    ) -> tuple[list[PlannedTensor], list[ModuleDelta]]:
+        """Group A and B per module, check shapes against the base and ranks against the config."""
+        by_module: dict[str, dict[str, PlannedTensor]] = {}
+        sites: dict[str, LinearSite | None] = {}
+        tensors: list[PlannedTensor] = []
+        unrecoverable: set[str] = set()
+        for res, shape, dtype in resolved:
+            from_zero3 = 0 in shape and res.canonical_key in zero3_names
+            if from_zero3:
+                shape = tuple(self.zero3_shapes[res.canonical_key])
+            module = res.canonical_key.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0]  # type: ignore[union-attr]
+            if 0 in shape and not from_zero3:
+                unrecoverable.add(module)  # reported as broken already
+                continue
+            assert res.canonical_key is not None
+            entry = PlannedTensor(res.canonical_key, res.parsed.key, tuple(shape), dtype, from_zero3)
+            by_module.setdefault(module, {})[res.parsed.part] = entry
+            sites[module] = res.site
+            tensors.append(entry)
+        modules: list[ModuleDelta] = []
+        for module, parts in by_module.items():
+            a, b = parts.get("lora_A"), parts.get("lora_B")
+            if module in unrecoverable:
+                continue
+            if a is None or b is None:
+                have = (a or b).source_key  # type: ignore[union-attr]
+                self.problem("unpaired", "broken", f"{self.label}: tensor {have} has no matching {'lora_B' if b is None else 'lora_A'}.",
+                             "the adapter file is incomplete; save it again with PEFT", (have,))  # fmt: skip
+                continue
+            if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+                self.problem(
+                    "rank-mismatch", "broken",
+                    f"{self.label}: tensors {a.source_key} {list(a.shape)} and {b.source_key} {list(b.shape)} disagree on the "
+                    "rank (lora_A is [r, in], lora_B is [out, r]).",
+                    "the adapter is corrupt or mixes two adapters; save it again from the training run", (a.source_key, b.source_key),
+                )  # fmt: skip
+                continue
+            source_module = parse_key(a.source_key).module  # type: ignore[union-attr]
+            r_cfg, alpha = effective_rank_alpha(self.config, source_module)
+            rank = a.shape[0]
+            if rank != r_cfg:
+                self.problem(
+                    "rank-mismatch", "broken",
+                    f"{self.label}: tensor {a.source_key} has rank {rank} but adapter_config.json gives {source_module} r={r_cfg}; "
+                    "the scaling alpha/r would be wrong.",
+                    "fix r / rank_pattern in adapter_config.json to match the tensors", (a.source_key,),
+                )  # fmt: skip
+                continue
+            site = sites[module]
+            if site is not None and (a.shape[1] != site.in_features or b.shape[0] != site.out_features):
+                self.problem(
+                    "shape-mismatch", "broken",
+                    f"{self.label}: tensors {a.source_key} {list(a.shape)} / {b.source_key} {list(b.shape)} do not fit "
+                    f"{site.path} ({site.in_features} -> {site.out_features}) of the base {self.layout.source if self.layout else ''}: "
+                    "the adapter is for another model size.",
+                    "pass --base with the Gemma 4 checkpoint the adapter was trained on", (a.source_key, b.source_key),
+                )  # fmt: skip
+                continue
+            if site is None:  # no base: keep the module under its transformers name
+                site = LinearSite(module, a.shape[1], b.shape[0], LANGUAGE_MODEL, False)
+            modules.append(ModuleDelta(site, a, b, rank, alpha, lora_scaling(self.config, rank, alpha)))
+        kept = {m.a.key for m in modules} | {m.b.key for m in modules}
+        return [t for t in tensors if t.key in kept], modules
+
+    def _classify(self, resolved: list[tuple[Resolution, tuple[int, ...], str]], renamed: int) -> None:
+        if self.is_pickle:
+            self.flavour("pickle")
+            self.problem("pickle", "fixable", f"{self.label}: pickle weights (loaded with weights_only=True).", "convert writes safetensors")
+        if renamed:
+            self.problem(
+                "non-canonical-names", "fixable",
+                f"{self.label}: {renamed} tensor name(s) are not in the canonical layout "
+                f"(e.g. {next(r.parsed.key for r, _, _ in resolved if r.canonical_key != r.parsed.key)}).",
+                "convert renames them",
+            )  # fmt: skip
+        if self.dropped:
+            self.problem(
+                "kv-shared-module", "fixable",
+                f"{self.label}: {len(self.dropped)} tensor(s) target k_proj/v_proj that KV-shared or k_eq_v layers do not have "
+                "(trained on transformers 5.5.0/5.5.1); they never affected the model.",
+                "convert drops them with a warning",
+                tuple(k for k, _ in self.dropped),
+            )  # fmt: skip
+            self.problems = [p for p in self.problems if p.code != "absent-module"]
+        towers = {r.site.component for r, _, _ in resolved if r.site and COMPONENT_BY_NAME[r.site.component].kind == "tower"}
+        if not any(f in self.flavours for f in ("custom-clippable",)) and towers:
+            self.flavour("peft-all-linear")
+        if not self.flavours:
+            self.flavour("canonical")

@@ -1,0 +1,179 @@
+"""The plan: everything decided about one adapter before any tensor value is read.
+
+:class:`CanonicalPlan` is what the planner (:mod:`.planner`) produces and what convert, merge,
+inspect and the server profiles read: problems found, canonical tensors and the LoRA'd modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from gemma4_bridge import __version__
+from gemma4_bridge.errors import BridgeError, ErrorCode
+from gemma4_bridge.layout import Gemma4Layout, LinearSite
+
+from .safetensors_stream import DTYPES
+from .sources import TensorSource
+
+if TYPE_CHECKING:
+    from .zero3 import Zero3Checkpoint
+
+Severity = Literal["fixable", "broken", "note"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an adapter, with what fixes it."""
+
+    code: str  # stable id, e.g. "zero-element", "kv-shared-module", "shape-mismatch"
+    severity: Severity
+    message: str
+    fix: str = ""
+    tensors: tuple[str, ...] = ()
+
+    def as_error(self) -> BridgeError:
+        return BridgeError(self.message, fix=self.fix or None)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of the canonical adapter and where its values come from."""
+
+    key: str  # canonical key
+    source_key: str  # key in the source adapter
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name of the output (the source tensor's dtype)
+    from_zero3: bool = False  # values recovered from the DeepSpeed checkpoint
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """One LoRA'd linear of the canonical adapter: delta = scaling * B @ A on ``site``."""
+
+    site: LinearSite
+    a: PlannedTensor
+    b: PlannedTensor
+    rank: int
+    alpha: float
+    scaling: float
+
+
+@dataclass
+class CanonicalPlan:
+    """Everything decided about one adapter before any tensor value is read."""
+
+    source: str  # adapter directory (or label of in-memory tensors)
+    weights_label: str  # the weights file, for messages
+    source_config: dict[str, Any]
+    config: dict[str, Any]  # canonical adapter_config.json
+    flavours: list[str]
+    problems: list[Problem]
+    tensors: list[PlannedTensor]
+    modules: list[ModuleDelta]
+    dropped: list[tuple[str, str]]  # (source key, why)
+    renamed: int
+    zero3: Zero3Checkpoint | None
+    _source: TensorSource = field(repr=False)
+    layout: Gemma4Layout | None = field(default=None, repr=False)  # the base it was planned against
+
+    @property
+    def broken(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "broken"]
+
+    @property
+    def fixable(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "fixable"]
+
+    @property
+    def healthy(self) -> bool:
+        return not self.broken and not self.fixable
+
+    def raise_if_broken(self) -> None:
+        if self.broken:
+            first = self.broken[0]
+            more = len(self.broken) - 1
+            if more:
+                raise BridgeError(f"{first.message} ({more} more problem(s): run 'gemma4-bridge inspect').", fix=first.fix or None)
+            raise first.as_error()
+
+    def load(self, entry: PlannedTensor, scratch: Any = None) -> Any:
+        """The values of one canonical tensor: read or recovered, cast, checked finite.
+
+        With ``scratch`` (a uint8 tensor) a file-backed source tensor is read into it, no allocation.
+        """
+        import torch
+
+        if entry.from_zero3:
+            assert self.zero3 is not None
+            tensor = self.zero3.recover(self.zero3_names[entry.key], scratch)
+        else:
+            tensor = self._source.get(entry.source_key, scratch)
+        tensor = tensor.to(getattr(torch, entry.dtype))
+        self._check_finite(entry, tensor)
+        return tensor
+
+    def raw_bytes(self, entry: PlannedTensor) -> memoryview | None:
+        """The source bytes of ``entry`` when they are its canonical bytes (a renamed tensor of a
+        safetensors file, same dtype), checked finite; else None (use :meth:`load`).
+
+        No tensor is built or copied: the bytes are a view of a memory-mapped window of the source,
+        valid until the next call. Writing them out is then the only copy, as in a file copy.
+        """
+        reader = self._source.reader
+        if entry.from_zero3 or reader is None or reader.header[entry.source_key]["dtype"] != DTYPES[entry.dtype][0]:
+            return None
+        try:
+            mapped = reader.mapped(entry.source_key)
+        except (OSError, ValueError) as exc:
+            raise BridgeError(
+                f"{self.weights_label}: could not read tensor {entry.source_key} ({exc}).",
+                fix="the file is truncated or corrupt; copy it again from where it was trained",
+                code=ErrorCode.UNREADABLE,
+            ) from exc
+        if mapped is None:
+            return None
+        raw, tensor = mapped
+        self._check_finite(entry, tensor)
+        return raw
+
+    def close(self) -> None:
+        """Release the source's memory-mapped window (see :meth:`raw_bytes`) and checkpoint files."""
+        if self._source.reader is not None:
+            self._source.reader.close()
+        if self.zero3 is not None:
+            self.zero3.close()
+
+    def _check_finite(self, entry: PlannedTensor, tensor: Any) -> None:
+        import torch
+
+        # A sum is finite iff every value is (NaN/Inf propagate); only an overflowing sum of
+        # huge finite values needs the exact, 20x slower element-wise check.
+        if tensor.is_floating_point() and not math.isfinite(tensor.sum().item()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            where = f"{self.zero3.tag_dir} (recovered)" if entry.from_zero3 and self.zero3 else self.weights_label
+            raise BridgeError(
+                f"{where}: tensor {entry.source_key} has {bad} NaN/Inf value(s); serving it would produce garbage.",
+                fix="the training run diverged; use an earlier checkpoint or retrain with a lower learning rate",
+                code=ErrorCode.NON_FINITE,
+            )
+
+    def iter_tensors(self) -> Iterator[tuple[PlannedTensor, Any]]:
+        for entry in self.tensors:
+            yield entry, self.load(entry)
+
+    def metadata(self) -> dict[str, Any]:
+        """The conversion record stored in the output's safetensors metadata."""
+        return {
+            "tool": f"gemma4-bridge {__version__}",
+            "source": self.source,
+            "source_flavours": self.flavours,
+            "renamed_tensors": self.renamed,
+            "dropped": [{"tensor": k, "why": why} for k, why in self.dropped],
+            "zero3_recovered": sum(t.from_zero3 for t in self.tensors),
+            "zero3_checkpoint": str(self.zero3.tag_dir) if self.zero3 else None,
+        }
+
+    zero3_names: dict[str, str] = field(default_factory=dict, repr=False)  # canonical key -> checkpoint name
