@@ -156,11 +156,12 @@ def _u8() -> Any:
 
 
 class SafetensorsReader:
-    """Read single tensors from a safetensors file with plain ``pread`` calls, not mmap.
+    """Read single tensors from a safetensors file: :meth:`get` with plain ``pread`` calls, or
+    :meth:`mapped` through one bounded memory-mapped window; never a map of the whole file.
 
-    Why not ``safe_open``: its tensors are backed by a memory map, and every page touched stays in
-    the process's resident set until the map is closed, so streaming a 1 GB file ends with 1 GB
-    RSS. Reading into a fresh buffer keeps the peak at one tensor.
+    Why not ``safe_open``: its tensors are backed by a memory map of the whole file, and every page
+    touched stays in the process's resident set until the map is closed, so streaming a 1 GB file
+    ends with 1 GB RSS. Reading into a buffer (or one window) keeps the peak at one tensor.
     """
 
     WINDOW = 32 << 20  # bytes of the file mapped at a time by :meth:`mapped`

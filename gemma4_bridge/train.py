@@ -1,6 +1,7 @@
 """A thin layer over transformers + PEFT + TRL that makes Gemma 4 LoRA training correct or loud.
 
-Four things go silently wrong when Gemma 4 is LoRA-trained with the stock stack; each has one fix here:
+Five things go silently wrong (or need a step the stock stack lacks) when Gemma 4 is LoRA-trained
+with the stock stack; each has one fix here:
 
 * Towers: PEFT refuses ``Gemma4ClippableLinear`` (an ``nn.Module`` holding ``.linear`` between two
   clamps), so ``target_modules=["q_proj", ...]`` fails on the multimodal model. :func:`lora_config`

@@ -17,6 +17,7 @@ from convert_helpers import dir_digest, write_variant
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.fixtures import write_peft_adapter
 from gemma4_bridge.layout import Gemma4Layout
+from gemma4_bridge.servers import VLLM_PLUGIN
 
 pytest.importorskip("vllm")
 from gemma4_bridge.plugins.vllm import SUPPORTED_VLLM, check_vllm_version, hooks  # noqa: E402
@@ -39,9 +40,14 @@ def test_unsupported_vllm_is_refused_clearly(version: str) -> None:
         check_vllm_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.33.0", "0.33.1.dev4+gabc"])
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.33.0", "0.33.1.dev4+gabc", "installed"])
 def test_supported_vllm_passes(version: str) -> None:
-    check_vllm_version(version)
+    if version == "installed":  # the vLLM these tests run against must be one the plugin accepts
+        import vllm
+
+        version = vllm.__version__
+    assert check_vllm_version(version) is None  # raises BridgeError when refused
+    assert VLLM_PLUGIN.supported == SUPPORTED_VLLM  # inspect's plugin profile covers the same releases
 
 
 def test_upstream_hook_contracts_hold() -> None:
@@ -81,12 +87,10 @@ def test_vllm_cpu_gemm_rejects_non_contiguous_input() -> None:
     weight = layer.weight.detach()
     x = torch.randn(25, 32).t().contiguous().t()  # same values, column-major
     assert not x.is_contiguous()
-    try:
-        out = cpu_unquantized_gemm(layer, x, weight)
-    except RuntimeError as exc:
-        assert "stride" in str(exc)
-    else:  # a vLLM that handles it makes the plugin's pre-hook a harmless no-op
-        torch.testing.assert_close(out, cpu_unquantized_gemm(layer, x.contiguous(), weight))
+    torch.testing.assert_close(cpu_unquantized_gemm(layer, x.contiguous(), weight), x @ weight.T)
+    # If this stops raising, upstream handles such inputs: the pre-hook is then a no-op to remove.
+    with pytest.raises(RuntimeError, match="stride"):
+        cpu_unquantized_gemm(layer, x, weight)
 
 
 def test_prepare_adds_k_eq_v_copy_and_never_writes(ctx: ServingContext, text_adapter: Path) -> None:
@@ -115,6 +119,18 @@ def test_zero3_damaged_points_to_convert(ctx: ServingContext, text_adapter: Path
     with pytest.raises(BridgeError, match=r"zero elements.*gemma4-bridge convert .*--zero3-checkpoint") as err:
         check_adapter(damaged, ctx)
     assert "damaged/adapter_model.safetensors" in str(err.value)
+
+
+def test_plugin_refuses_what_inspect_predicts(ctx: ServingContext, text_adapter: Path, tmp_path: Path) -> None:
+    """The plugin raises its profile's first refusal: the note inspect prints for this server."""
+    from gemma4_bridge.converters import plan
+
+    damaged = write_variant(text_adapter, tmp_path / "damaged", transform=lambda k, v: v[:0] if "layers.1." in k else v)
+    p = plan(damaged, ctx.layout, find_zero3=False)
+    status, notes = VLLM_PLUGIN.verdict(p, p.problems)
+    with pytest.raises(BridgeError) as err:
+        check_adapter(damaged, ctx)
+    assert status == "fails" and err.value.message == notes[0]
 
 
 def test_relative_k_proj_refused_by_name(ctx: ServingContext, all_linear_adapter: Path) -> None:
