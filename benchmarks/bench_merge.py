@@ -26,11 +26,11 @@ def build_base(out: Path) -> Path:
     import torch
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
-    from gemma4_bridge.fixtures import tiny_config_dict
+    from gemma4_bridge.testing.fixtures import tiny_config_dict
 
     if (out / "config.json").is_file():
         return out
-    cfg = tiny_config_dict(__import__("gemma4_bridge.fixtures", fromlist=["TinySpec"]).TinySpec(num_hidden_layers=12))
+    cfg = tiny_config_dict(__import__("gemma4_bridge.testing.fixtures", fromlist=["TinySpec"]).TinySpec(num_hidden_layers=12))
     cfg["text_config"].update(
         vocab_size=32768, vocab_size_per_layer_input=32768, hidden_size=1024, intermediate_size=4096,
         num_attention_heads=8, num_key_value_heads=2, head_dim=128, global_head_dim=256, hidden_size_per_layer_input=64,

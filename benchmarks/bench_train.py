@@ -35,7 +35,7 @@ def _larger_config() -> Any:
     """A synthetic Gemma 4 ~25x the tiny one: 10 text layers (4 KV-shared), 256 hidden, towers on."""
     from transformers import Gemma4Config
 
-    from gemma4_bridge.fixtures import TinySpec, tiny_config_dict
+    from gemma4_bridge.testing.fixtures import TinySpec, tiny_config_dict
 
     spec = TinySpec(num_hidden_layers=10, num_kv_shared_layers=4)
     config = tiny_config_dict(spec)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["tiny", "larger"], help="run one configuration")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from gemma4_bridge.fixtures import build_tiny_gemma4
+    from gemma4_bridge.testing.fixtures import build_tiny_gemma4
 
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:

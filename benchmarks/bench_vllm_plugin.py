@@ -85,7 +85,7 @@ def _load_latency(model: Path, raw: Path, canonical: Path, repeats: int) -> tupl
 
 def run(tokens: int, repeats: int, rounds: int = 2) -> dict[str, float]:
     from gemma4_bridge.converters import canonicalize
-    from gemma4_bridge.fixtures import build_tiny_gemma4, write_peft_adapter
+    from gemma4_bridge.testing.fixtures import build_tiny_gemma4, write_peft_adapter
     from gemma4_bridge.adapter_io import atomic_output_dir, write_adapter
     from gemma4_bridge.layout import Gemma4Layout
 

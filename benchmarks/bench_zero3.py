@@ -1,7 +1,7 @@
 """ZeRO-3 recovery (gemma4-bridge convert) vs DeepSpeed's own zero_to_fp32, on the same checkpoint.
 
 Goals (issue 3): at least 3x faster, at most 1/4 of zero_to_fp32's peak RSS.
-Checkpoint: DeepSpeed ZeRO-3 on-disk format (written by gemma4_bridge.zero3_job's synthetic writer,
+Checkpoint: DeepSpeed ZeRO-3 on-disk format (written by gemma4_bridge.testing.zero3_job's synthetic writer,
 which DeepSpeed's reader accepts - tests check that), 4 ranks, fp32 masters + Adam moments, for a
 rank-64 all-linear adapter on an E4B-shaped layout (~0.8 GB of LoRA weights, ~2.3 GB of optimizer
 files). The damaged adapter beside it has zero-element tensors for every LoRA factor above
@@ -29,7 +29,7 @@ PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's default stage3_param_persistence_
 def build(work: Path, world_size: int) -> tuple[Path, Path]:
     from safetensors.torch import load_file, save_file
 
-    from gemma4_bridge.zero3_job import write_synthetic_zero3_checkpoint
+    from gemma4_bridge.testing.zero3_job import write_synthetic_zero3_checkpoint
 
     base = write_sparse_base(work / "base")
     run = work / "checkpoint-100"

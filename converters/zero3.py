@@ -26,8 +26,18 @@ from typing import Any
 from gemma4_bridge.adapter_io import safe_torch_load
 from gemma4_bridge.errors import BridgeError
 
+# DeepSpeed ZeRO-3's on-disk format: what this reader expects and what the synthetic writer
+# (gemma4_bridge.testing.zero3_job.write_synthetic_zero3_checkpoint) writes.
+LATEST_FILE = "latest"  # holds the tag (step directory name) of the last save
+STEP_DIR = "global_step{step}"
+RANK_FILE = "zero_pp_rank_{rank}_mp_rank_{mp:02d}_{kind}_states.pt"  # kind: "model" or "optim"
+OPTIMIZER_STATE = "optimizer_state_dict"  # optim file: the ZeRO optimizer's state
+FLAT_GROUPS = "fp32_flat_groups"  # ... its per-group fp32 partitions of this rank
+PARTITION_COUNT = "partition_count"
+ZERO_STAGE = "zero_stage"
+PARAM_SHAPES = "param_shapes"  # model file: per group, {name: shape} in partition order
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
-_STEP_DIR = re.compile(r"^global_step(\d+)$")
+_STEP_DIR = re.compile("^" + STEP_DIR.replace("{step}", r"(\d+)") + "$")
 
 
 @cache
@@ -96,7 +106,7 @@ def locate_checkpoint(adapter_dir: Path | None, explicit: str | os.PathLike[str]
 def _tag_dir(root: Path) -> Path | None:
     if any(_RANK_FILE.search(p.name) for p in root.glob("*_optim_states.pt")):
         return root
-    latest = root / "latest"
+    latest = root / LATEST_FILE
     if latest.is_file():
         tag = latest.read_text().strip()
         if (root / tag).is_dir():
@@ -136,7 +146,7 @@ class Zero3Checkpoint:
                 fix="the DeepSpeed checkpoint is incomplete; copy the whole global_stepN directory",
             )
         model_states = _load(model_files[0], map_location="cpu")
-        shapes_groups = model_states.get("param_shapes") if isinstance(model_states, dict) else None
+        shapes_groups = model_states.get(PARAM_SHAPES) if isinstance(model_states, dict) else None
         if not isinstance(shapes_groups, list):
             raise BridgeError(f"{model_files[0]}: no 'param_shapes'; not a ZeRO-3 model-states file.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
         param_shapes = {name: tuple(int(d) for d in shape) for group in shapes_groups for name, shape in group.items()}
@@ -145,11 +155,11 @@ class Zero3Checkpoint:
         dtypes = set()
         for path in optim_files:
             state = _load(path, map_location="meta")  # structure and storage offsets only
-            osd = state.get("optimizer_state_dict") if isinstance(state, dict) else None
-            if not isinstance(osd, dict) or "fp32_flat_groups" not in osd:
+            osd = state.get(OPTIMIZER_STATE) if isinstance(state, dict) else None
+            if not isinstance(osd, dict) or FLAT_GROUPS not in osd:
                 raise BridgeError(f"{path}: no fp32_flat_groups; not a ZeRO-3 optimizer-states file.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
-            stage = int(osd.get("zero_stage", 0))
-            count = osd.get("partition_count")
+            stage = int(osd.get(ZERO_STAGE, 0))
+            count = osd.get(PARTITION_COUNT)
             count = max(count) if isinstance(count, list) else count
             if stage != 3 or (count is not None and int(count) != world_size):
                 raise BridgeError(
@@ -158,7 +168,7 @@ class Zero3Checkpoint:
                 )
             _require_plain_storage(path)
             groups = []
-            for g in osd["fp32_flat_groups"]:
+            for g in osd[FLAT_GROUPS]:
                 base = getattr(g.untyped_storage(), "_checkpoint_offset", None)
                 if base is None or not g.is_contiguous():
                     raise BridgeError(f"{path}: an fp32 flat group is not a plain stored tensor.", fix="pass a DeepSpeed ZeRO-3 checkpoint")

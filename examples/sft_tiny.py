@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_path = args.model
     if model_path is None:
-        from gemma4_bridge.fixtures import build_tiny_gemma4
+        from gemma4_bridge.testing.fixtures import build_tiny_gemma4
 
         model_path = str(build_tiny_gemma4(Path(tempfile.mkdtemp(prefix="gemma4-tiny-")) / "model"))
         print(f"built a tiny random Gemma 4 in {model_path}")

@@ -41,7 +41,7 @@ TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 def build_tiny(workdir: Path) -> tuple[Path, dict[str, Path], Path]:
     """Tiny Gemma 4 plus adapters: regex text LoRA, PEFT's q/v default, rsLoRA with patterns; and an all-linear one (towers)."""
-    from gemma4_bridge.fixtures import build_tiny_gemma4, variant, write_peft_adapter
+    from gemma4_bridge.testing.fixtures import build_tiny_gemma4, variant, write_peft_adapter
 
     model = build_tiny_gemma4(workdir / "model", variant(double_wide_mlp=True))
     adapters = {

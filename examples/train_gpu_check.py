@@ -157,7 +157,7 @@ def build_config(shape: Shape, layers: int, shared: int) -> Any:
     """A Gemma4Config with the test fixture's special token ids (all below the shrunk vocab)."""
     from transformers import Gemma4Config
 
-    from gemma4_bridge.fixtures import TinySpec, tiny_config_dict
+    from gemma4_bridge.testing.fixtures import TinySpec, tiny_config_dict
 
     config = tiny_config_dict(TinySpec(num_hidden_layers=layers, num_kv_shared_layers=shared))
     config["text_config"].update(shape.text, layer_types=layer_types(layers, shared), attention_k_eq_v=True)
@@ -175,7 +175,7 @@ def build_model(config: Any, seed: int, device: str) -> torch.nn.Module:
     """
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_bridge.fixtures import _set_finite_clip_bounds
+    from gemma4_bridge.testing.fixtures import _set_finite_clip_bounds
 
     torch.manual_seed(seed)
     attn = {"text_config": "eager", "vision_config": "eager", "audio_config": "sdpa"}

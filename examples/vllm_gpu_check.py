@@ -36,7 +36,7 @@ TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 def build_tiny(work: Path) -> tuple[Path, dict[str, Path]]:
     from safetensors.torch import load_file, save_file
 
-    from gemma4_bridge.fixtures import build_tiny_gemma4, write_peft_adapter
+    from gemma4_bridge.testing.fixtures import build_tiny_gemma4, write_peft_adapter
 
     model = build_tiny_gemma4(work / "model")
     towers = write_peft_adapter(model, work / "towers", exclude_modules=["relative_k_proj"], seed=3)

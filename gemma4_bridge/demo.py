@@ -71,7 +71,7 @@ class DemoAdapter:
 
 
 def _build(work: Path, *, skip_zero3: bool) -> tuple[Path, list[DemoAdapter]]:
-    from gemma4_bridge.fixtures import build_tiny_gemma4, write_peft_adapter
+    from gemma4_bridge.testing.fixtures import build_tiny_gemma4, write_peft_adapter
 
     model = work / "model"
     if not (model / "config.json").is_file():
@@ -130,7 +130,7 @@ def _kv_shared_extras(src: Path, out: Path) -> Path:
 
 
 def _zero3(model: Path, work: Path) -> DemoAdapter:
-    from gemma4_bridge.zero3_job import run_zero3_job
+    from gemma4_bridge.testing.zero3_job import run_zero3_job
 
     run_dir = work / "zero3"
     damaged = run_dir / "checkpoint-2"
@@ -213,7 +213,7 @@ def max_logprob_diff(llm: Any, params: Any, prompts: dict[str, Any], request: An
     transformers + PEFT (``reference`` adapter, float32 on the CPU) over ``prompts``."""
     import torch
 
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     hf = load_tiny_model(model)
     if reference is not None:

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from gemma4_bridge.fixtures import TinySpec, build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
+from gemma4_bridge.testing.fixtures import TinySpec, build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +52,9 @@ def text_adapter(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def zero3_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real 2-rank DeepSpeed ZeRO-3 LoRA run over gloo: damaged adapter + checkpoint + gathered truth.
 
-    ~60-90 s (plus ~50 s the first time DeepSpeed JIT-builds its shm op). See gemma4_bridge.zero3_job.
+    ~60-90 s (plus ~50 s the first time DeepSpeed JIT-builds its shm op). See gemma4_bridge.testing.zero3_job.
     """
-    from gemma4_bridge.zero3_job import run_zero3_job
+    from gemma4_bridge.testing.zero3_job import run_zero3_job
 
     return run_zero3_job(tiny_dir, tmp_path_factory.mktemp("zero3") / "run", steps=2, world_size=2)
 

@@ -92,7 +92,7 @@ def peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     model = PeftModel.from_pretrained(load_tiny_model(model_dir), adapter)
     out = {}

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from gemma4_bridge.converters import convert_adapter
-from gemma4_bridge.fixtures import load_tiny_model, write_peft_adapter
+from gemma4_bridge.testing.fixtures import load_tiny_model, write_peft_adapter
 
 
 def _vllm_naming(key: str) -> str:

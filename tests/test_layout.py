@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.fixtures import load_tiny_model
+from gemma4_bridge.testing.fixtures import load_tiny_model
 from gemma4_bridge.layout import Absence, Gemma4Layout
 
 

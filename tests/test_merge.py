@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gemma4_bridge.cli import main
-from gemma4_bridge.fixtures import build_tiny_gemma4, load_tiny_model, variant
+from gemma4_bridge.testing.fixtures import build_tiny_gemma4, load_tiny_model, variant
 
 TOWER_SITE = "model.vision_tower.encoder.layers.0.self_attn.q_proj"
 

@@ -18,7 +18,7 @@ from convert_helpers import all_logits, dir_digest, write_variant
 from safetensors import safe_open
 
 from gemma4_bridge.cli import main
-from gemma4_bridge.fixtures import build_tiny_gemma4, load_tiny_model, variant, write_peft_adapter
+from gemma4_bridge.testing.fixtures import build_tiny_gemma4, load_tiny_model, variant, write_peft_adapter
 
 
 @pytest.fixture(scope="module")

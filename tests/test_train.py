@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from gemma4_bridge.adapter_io import METADATA_KEY, AdapterDir
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.fixtures import load_tiny_model
+from gemma4_bridge.testing.fixtures import load_tiny_model
 from gemma4_bridge.layout import Gemma4Layout
 from gemma4_bridge.names import resolve_key
 from gemma4_bridge.train import (

@@ -30,7 +30,7 @@ def trained(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[A
     from transformers import AutoProcessor
     from trl import SFTConfig
 
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
     from gemma4_bridge.train import Gemma4SFTTrainer, multimodal_collator
 
     out = tmp_path_factory.mktemp("train_vllm")

@@ -40,7 +40,7 @@ def _worker(model_dir: Path, out: Path) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from gemma4_bridge.errors import BridgeError
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
     from gemma4_bridge.train import Gemma4SFTTrainer, lora_config
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -135,7 +135,7 @@ def _worker(model_dir: Path, out: Path) -> None:
 @pytest.fixture(scope="module")
 def zero3_training(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train_zero3")
-    from gemma4_bridge.zero3_job import launch_cpu_ranks
+    from gemma4_bridge.testing.zero3_job import launch_cpu_ranks
 
     proc = launch_cpu_ranks([__file__, str(tiny_dir), str(out)], world_size=2, env={"DS_ACCELERATOR": "cpu"}, timeout_s=420)
     if proc.returncode != 0:

@@ -19,7 +19,7 @@ import torch
 from convert_helpers import default_adapter_name, dir_digest, write_variant
 from vllm_helpers import PROMPTS, assert_parity, hf_inputs, hf_model, hf_prompt_logprobs, vllm_prompt_logprobs, vllm_request
 
-from gemma4_bridge.fixtures import write_peft_adapter
+from gemma4_bridge.testing.fixtures import write_peft_adapter
 
 pytestmark = pytest.mark.vllm
 KINDS = tuple(PROMPTS)

@@ -15,7 +15,7 @@ import torch
 from convert_helpers import dir_digest, write_variant
 
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.fixtures import write_peft_adapter
+from gemma4_bridge.testing.fixtures import write_peft_adapter
 from gemma4_bridge.layout import Gemma4Layout
 from gemma4_bridge.servers import VLLM_PLUGIN
 

@@ -27,7 +27,7 @@ import torch
 from convert_helpers import default_adapter_name, write_variant
 from vllm_helpers import TOL, hf_inputs, hf_model, hf_prompt_logprobs
 
-from gemma4_bridge.fixtures import write_peft_adapter
+from gemma4_bridge.testing.fixtures import write_peft_adapter
 
 pytestmark = pytest.mark.vllm
 START_TIMEOUT_S = 240

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from vllm_helpers import assert_parity, hf_inputs, hf_model, hf_prompt_logprobs, vllm_request
 
-from gemma4_bridge.fixtures import write_peft_adapter
+from gemma4_bridge.testing.fixtures import write_peft_adapter
 
 pytestmark = pytest.mark.vllm
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from gemma4_bridge.cli import main
 from gemma4_bridge.converters.zero3 import Zero3Checkpoint, locate_checkpoint
-from gemma4_bridge.zero3_job import write_synthetic_zero3_checkpoint
+from gemma4_bridge.testing.zero3_job import write_synthetic_zero3_checkpoint
 
 pytestmark = pytest.mark.deepspeed
 
@@ -61,7 +61,7 @@ def test_recovered_adapter_gives_trained_logits(zero3_run, tiny_dir, tmp_path) -
     from peft import PeftModel
 
     from gemma4_bridge.converters import convert_adapter
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     convert_adapter(zero3_run.damaged_adapter, tmp_path / "fixed", base=tiny_dir)
     inputs = {"text": mm_inputs(tiny_dir)["text"]}

@@ -1,6 +1,6 @@
 """Shared by the vLLM tests: the prompts, the HF + PEFT reference, and vLLM's prompt log-probs.
 
-The reference is transformers + PEFT in float32 (gemma4_bridge.fixtures.load_tiny_model); a prompt
+The reference is transformers + PEFT in float32 (gemma4_bridge.testing.fixtures.load_tiny_model); a prompt
 goes to vLLM as text plus raw image/audio and to transformers through the checkpoint's own saved
 Gemma4Processor, and the test first checks both expanded to the same token ids.
 """
@@ -55,7 +55,7 @@ def hf_inputs(model_dir: Path, kind: str, seed: int = 0) -> dict[str, torch.Tens
 
 
 def hf_model(model_dir: Path, adapter: Path | None = None) -> Any:
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     model = load_tiny_model(model_dir)
     if adapter is None:

@@ -54,7 +54,7 @@ if _NO_SGLANG is not None:
 
 import torch  # noqa: E402
 
-from gemma4_bridge.fixtures import build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
+from gemma4_bridge.testing.fixtures import build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
 from convert_helpers import default_adapter_name, write_variant  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from sglang_helpers import (  # noqa: E402

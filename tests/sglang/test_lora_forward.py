@@ -28,7 +28,7 @@ TOKENS_PER_ADAPTER = 2
 def peft_models(sg_model_dir: Path, flavours: dict) -> dict[Path, Any]:
     from peft import PeftModel
 
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     return {ref: PeftModel.from_pretrained(load_tiny_model(sg_model_dir), ref).eval() for ref in {flavours[n][1] for n in ADAPTERS if n}}
 

@@ -20,7 +20,7 @@ from sglang_helpers import MAX_LORA_RANK
 
 @pytest.fixture(scope="module")
 def hf_model(sg_model_dir: Path) -> Any:
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     return load_tiny_model(sg_model_dir)
 

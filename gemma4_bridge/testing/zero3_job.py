@@ -16,11 +16,11 @@ itself, not by a mock. One call produces, in ``out_dir``::
 
 Library use::
 
-    from gemma4_bridge.zero3_job import run_zero3_job
+    from gemma4_bridge.testing.zero3_job import run_zero3_job
     result = run_zero3_job(model_dir, out_dir)           # ~60-90 s on 2 CPU cores (first run JIT-builds an op)
     result.damaged_adapter, result.checkpoint_dir, result.reference_adapter
 
-Command line: ``python -m gemma4_bridge.zero3_job MODEL_DIR OUT_DIR [--steps 3] [--world-size 2]``.
+Command line: ``python -m gemma4_bridge.testing.zero3_job MODEL_DIR OUT_DIR [--steps 3] [--world-size 2]``.
 The workers are launched with ``torch.distributed.run`` in a subprocess, so the caller's process
 never imports DeepSpeed or joins a process group.
 """
@@ -82,7 +82,7 @@ def run_zero3_job(
         {"model_dir": str(model_dir), "out": str(out), "steps": steps, "r": r, "lora_alpha": lora_alpha, "dtype": dtype,
          "exclude_modules": exclude_modules}
     )  # fmt: skip
-    proc = launch_cpu_ranks(["-m", "gemma4_bridge.zero3_job"], world_size=world_size, env={_WORKER_ENV: payload}, timeout_s=timeout_s)
+    proc = launch_cpu_ranks(["-m", "gemma4_bridge.testing.zero3_job"], world_size=world_size, env={_WORKER_ENV: payload}, timeout_s=timeout_s)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
         raise RuntimeError(f"ZeRO-3 job failed (exit {proc.returncode}):\n{tail}")
@@ -121,7 +121,7 @@ def _worker(
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from gemma4_bridge.fixtures import load_tiny_model
+    from gemma4_bridge.testing.fixtures import load_tiny_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
@@ -232,8 +232,19 @@ def write_synthetic_zero3_checkpoint(
 
     import torch
 
+    from gemma4_bridge.converters.zero3 import (
+        FLAT_GROUPS,
+        LATEST_FILE,
+        OPTIMIZER_STATE,
+        PARAM_SHAPES,
+        PARTITION_COUNT,
+        RANK_FILE,
+        STEP_DIR,
+        ZERO_STAGE,
+    )
+
     root = Path(ckpt_dir)
-    tag = f"global_step{step}"
+    tag = STEP_DIR.format(step=step)
     tag_dir = root / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     names = list(params)
@@ -252,23 +263,23 @@ def write_synthetic_zero3_checkpoint(
             flats.append(torch.cat(chunks) if chunks else torch.zeros(0))
         inner = {"state": {g: {"exp_avg": f.clone(), "exp_avg_sq": f.clone(), "step": torch.tensor(float(step))} for g, f in enumerate(flats)}} if adam_states else {}
         optim = {
-            "optimizer_state_dict": {
-                "zero_stage": 3,
+            OPTIMIZER_STATE: {
+                ZERO_STAGE: 3,
                 "loss_scaler": None,
                 "dynamic_loss_scale": False,
                 "overflow": False,
-                "partition_count": world_size,
+                PARTITION_COUNT: world_size,
                 "optimizer_state_dict": inner,
-                "fp32_flat_groups": flats,
+                FLAT_GROUPS: flats,
             },
             "ds_version": "0.19.8",
         }
-        torch.save(optim, tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        torch.save(optim, tag_dir / RANK_FILE.format(rank=rank, mp=0, kind="optim"))
         model_states = {
             "module": OrderedDict(),
             "buffer_names": [],
             "optimizer": None,
-            "param_shapes": param_shapes,
+            PARAM_SHAPES: param_shapes,
             "frozen_param_shapes": OrderedDict(),
             "shared_params": {},
             "frozen_param_fragments": OrderedDict(),
@@ -276,6 +287,6 @@ def write_synthetic_zero3_checkpoint(
             "mp_world_size": 1,
             "ds_version": "0.19.8",
         }
-        torch.save(model_states, tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
-    (root / "latest").write_text(tag)
+        torch.save(model_states, tag_dir / RANK_FILE.format(rank=rank, mp=0, kind="model"))
+    (root / LATEST_FILE).write_text(tag)
     return tag_dir
