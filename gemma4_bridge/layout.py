@@ -45,6 +45,8 @@ class ComponentSpec:
     item_keys: tuple[tuple[str, str], ...] = ()
     # Prompt modalities that feed it: with all of them limited to 0 items vLLM builds no LoRA layers here.
     inputs: tuple[str, ...] = ()
+    # Its prefix in a text-only ``Gemma4ForCausalLM`` checkpoint (``model.layers.N``), if it exists there.
+    text_only_prefix: str | None = None
 
     @property
     def is_language_model(self) -> bool:
@@ -52,7 +54,7 @@ class ComponentSpec:
 
 
 COMPONENTS: tuple[ComponentSpec, ...] = (
-    ComponentSpec("language_model", "language_model", None, "model.language_model.", "language_model.model."),
+    ComponentSpec("language_model", "language_model", None, "model.language_model.", "language_model.model.", text_only_prefix="model."),
     ComponentSpec("vision_tower", "tower", "vision", "model.vision_tower.", "vision_tower.",
                   item_keys=(("pixel_values", "image"), ("video_frame_counts", "video")), inputs=("image", "video")),
     ComponentSpec("audio_tower", "tower", "audio", "model.audio_tower.", "audio_tower.",
@@ -347,12 +349,15 @@ def _has_prefix(shapes: Mapping[str, Any], component: Component) -> bool:
 
 def _to_multimodal_names(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """A text-only ``Gemma4ForCausalLM`` checkpoint names layers ``model.layers.N``; use one naming."""
-    return {re.sub(r"^model\.", "model.language_model.", k): v for k, v in shapes.items()}
+    spec = COMPONENT_BY_NAME[LANGUAGE_MODEL]
+    old = re.compile("^" + re.escape(spec.text_only_prefix or ""))
+    return {old.sub(spec.prefix, k): v for k, v in shapes.items()}
 
 
 def _causal_lm_name(path: str) -> str:
     """Back from the one naming to the text-only checkpoint's own (inverse of _to_multimodal_names)."""
-    return re.sub(r"^model\.language_model\.", "model.", path)
+    spec = COMPONENT_BY_NAME[LANGUAGE_MODEL]
+    return spec.text_only_prefix + path.removeprefix(spec.prefix) if path.startswith(spec.prefix) and spec.text_only_prefix else path
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gemma4_bridge.layout import COMPONENT_PREFIXES, COMPONENTS, LANGUAGE_MODEL, Gemma4Layout, LinearSite, Reason
+from gemma4_bridge.layout import COMPONENTS, Gemma4Layout, LinearSite, Reason
 
 PEFT_PREFIX = "base_model.model."
 LORA_PARTS: tuple[str, ...] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -27,7 +27,11 @@ def _module_path_variants() -> tuple[tuple[str, re.Pattern[str], str], ...]:
             for c in COMPONENTS
         ),
         # Gemma4ForCausalLM: the decoder layers and the per-layer-input projection sit right under ``model``.
-        ("causal-lm", re.compile(r"^model\.(layers\..*|per_layer_model_projection)$"), COMPONENT_PREFIXES[LANGUAGE_MODEL] + r"\1"),
+        *(
+            ("causal-lm", re.compile(rf"^{re.escape(c.text_only_prefix)}(layers\..*|per_layer_model_projection)$"), c.prefix + r"\1")
+            for c in COMPONENTS
+            if c.text_only_prefix
+        ),
         *(
             ("bare", re.compile(rf"^{c.name}\.(layers\..*|encoder\..*)$"), c.prefix + r"\1")
             for c in COMPONENTS

@@ -47,7 +47,7 @@ from packaging.version import Version
 from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import CONFIG_NAME, SAFETENSORS_NAME, atomic_output_dir, write_adapter
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import TOWERS, Gemma4Layout
+from gemma4_bridge.layout import LANGUAGE_MODEL, TOWERS, Gemma4Layout
 
 
 _LAYOUT_ATTR = "_gemma4_bridge_layout"
@@ -235,7 +235,7 @@ def _require_zero3_recompute_support(model: torch.nn.Module) -> None:
 def _text_decoder(model: torch.nn.Module) -> torch.nn.Module:
     """The Gemma 4 text model, whose forward calls the decoder layers (and so is called, not forwarded)."""
     inner = getattr(model, "model", None)
-    decoder = getattr(inner, "language_model", None) or inner
+    decoder = getattr(inner, LANGUAGE_MODEL, None) or inner
     if decoder is None or not hasattr(decoder, "layers"):
         raise BridgeError(
             f"{type(model).__name__} is not a Gemma 4 transformers model (no model.language_model.layers).",
