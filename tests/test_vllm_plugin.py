@@ -157,6 +157,10 @@ def test_cpu_lora_kernels_ignore_tokens_without_adapter() -> None:
     from gemma4_bridge.plugins.vllm import register
 
     register()  # what vLLM does in each of its processes
+    # An engine an earlier test ran in this process may have left the kernels passing through (its
+    # last step had no unadapted token); a fresh wrapper's first update would reset this.
+    hooks._UNADAPTED_ROWS.clear()
+    hooks._MASK_SLOTS[0] = True
     assert hooks.cpu_kernels_need_fix(), "upstream changed its CPU LoRA kernels: re-check the hook"
     weights = torch.randn(2, 1, 4, 8)  # two adapter slots, rank 4, in 8
     x = torch.randn(3, 8)
