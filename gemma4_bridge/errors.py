@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+import sys
+from enum import Enum
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10 (supported: requires-python >= 3.10) has no StrEnum
+
+    class StrEnum(str, Enum):
+        """Members are their values, as strings (enum.StrEnum of Python 3.11)."""
+
+        def __str__(self) -> str:
+            return str(self.value)
 
 
 class ErrorCode(StrEnum):

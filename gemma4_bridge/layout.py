@@ -16,10 +16,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from enum import StrEnum
 from typing import Any, Literal
 
-from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.errors import BridgeError, StrEnum
 
 AttentionKind = Literal["sliding", "full"]
 KVRole = Literal["own", "store", "reuse"]
