@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "gemma4_bridge.converters.cli_inspect",
     "convert": "gemma4_bridge.converters.cli_convert",
     "merge": "gemma4_bridge.converters.cli_merge",
+    "export-gguf": "gemma4_bridge.converters.cli_export_gguf",
     "demo": "gemma4_bridge.demo",
 }
 
