@@ -44,6 +44,9 @@ MERGE_ROUTE = (
     "llama.cpp's convert_hf_to_gguf.py (add --mmproj for the vision/audio GGUF) and serve that without --lora"
 )
 TOWER_COMPONENTS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
+# Planner problems that only say "not a LoRA weight here" (e.g. an embedding's saved base layer);
+# a specific reason (DoRA, embedding LoRA, towers, experts) is reported before them.
+GENERIC_CODES = ("not-lora", "unknown-module")
 
 
 def _gguf() -> Any:
@@ -90,7 +93,7 @@ class GgufExport:
     def raise_if_refused(self) -> None:
         if self.refused:
             first, more = self.refused[0], len(self.refused) - 1
-            extra = f" ({more} more module(s) refused: run 'gemma4-bridge inspect')" if more else ""
+            extra = f" ({more} more problem(s): run 'gemma4-bridge inspect')" if more else ""
             raise BridgeError(f"{first.message}{extra}", fix=first.fix or None)
 
 
@@ -129,18 +132,22 @@ def plan_gguf(p: CanonicalPlan, layout: Gemma4Layout) -> GgufExport:
             continue
         factor = m.scaling / llamacpp_scale(alpha, m.rank)
         modules.append(GgufModule(m, mapped[1], factor))
+    refused.sort(key=lambda q: q.code in GENERIC_CODES)  # the most telling reason first
     return GgufExport(p, alpha, modules, refused)
 
 
 def _refusal(q: Problem) -> Problem:
-    """A planner's broken problem, said for llama.cpp: keys that name experts get the expert route."""
-    if any(".experts." in t for t in q.tensors):
+    """A planner's broken problem, said for llama.cpp (expert tensors get their own reason)."""
+    experts = [t for t in q.tensors if ".experts." in t]
+    if experts:
         return Problem(
             "llamacpp-experts", "broken",
-            f"{q.message} MoE expert LoRA (target_parameters on experts) is not verified against llama.cpp's gemma4 MoE path.",
-            MERGE_ROUTE, q.tensors,
+            f"{q.message.split(':', 1)[0]}: tensor {experts[0]} is a MoE expert LoRA (PEFT target_parameters); "
+            "llama.cpp's gemma4 MoE path has no verified LoRA support for experts.",
+            "merge with PEFT (merge_and_unload), save, and convert the merged model with llama.cpp's convert_hf_to_gguf.py",
+            q.tensors,
         )  # fmt: skip
-    if q.code in ("dora", "embedding-lora", "bias", "modules-to-save"):
+    if q.code in ("dora", "embedding-lora", "bias", "modules-to-save", "not-lora"):
         return Problem(q.code, "broken", f"{q.message} A llama.cpp adapter holds plain LoRA A/B pairs only.",
                        f"{q.fix}; then convert the merged model with llama.cpp's convert_hf_to_gguf.py", q.tensors)  # fmt: skip
     return q
