@@ -40,6 +40,12 @@ PYEOF
   sed -i 's|^@torch.library.register_fake("\(torchvision::[a-z_]*\)")$|@(torch.library.register_fake("\1") if torchvision.extension._has_ops() else (lambda fn: fn))|' "$tv_meta"
   "$PY" -c "import torchvision.transforms.v2, vllm, transformers, peft, deepspeed" \
     || { echo "environment check failed: see the workarounds at the top of scripts/env.sh" >&2; exit 1; }
+  # --- llama.cpp (owner: gguf, issue 15) -----------------------------------------------------------
+  # gguf: llama.cpp's gguf-py (tensor map + writer) for export-gguf. xllamacpp: a prebuilt CPU build of
+  # llama.cpp (gemma4 + LoRA) the `llamacpp` tests serve with. llama.cpp's converters are fetched by
+  # the tests themselves (llama-cpp-python sdist, cached in $VENV/.cache/), never committed.
+  pip_install "gguf>=0.19" "xllamacpp==2026.10.11549"
+  # --- end llama.cpp ------------------------------------------------------------------------------
   pip_install --no-deps -e "$ROOT"
   echo "$want_stamp" > "$STAMP"
 fi
