@@ -19,7 +19,9 @@ recovery). What llama.cpp cannot apply is refused with the route that works, nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
     from .inspect import Verdict
 
+log = logging.getLogger("gemma4_bridge.gguf_export")
 OutType = Literal["f32", "f16"]
 MERGE_ROUTE = (
     "merge it into the base with 'gemma4-bridge merge ADAPTER --base BASE -o MERGED', convert MERGED with "
@@ -102,11 +105,16 @@ def llamacpp_scale(alpha: float, rank: int) -> float:
     return alpha / rank if alpha else 1.0
 
 
+@functools.lru_cache(maxsize=4)
+def _name_map(n_blocks: int) -> Any:
+    gguf = _gguf()
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n_blocks)
+
+
 def llamacpp_tensor_name(path: str, n_blocks: int) -> tuple[Any, str] | None:
     """(MODEL_TENSOR, "blk.N.xxx.weight") for a transformers module path, through gguf-py's map."""
-    gguf = _gguf()
     hf_name = path.replace("language_model.", "", 1) + ".weight"  # as convert_hf_to_gguf's filter_tensors
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n_blocks).get_type_and_name(hf_name, try_suffixes=(".weight",))
+    return _name_map(n_blocks).get_type_and_name(hf_name, try_suffixes=(".weight",))
 
 
 def plan_gguf(p: CanonicalPlan, layout: Gemma4Layout) -> GgufExport:
@@ -182,6 +190,8 @@ def export_gguf(
         raise BridgeError(f"{ad.path}: the adapter has no LoRA module llama.cpp could apply.", fix="check target_modules")
     if out_path.exists() and not force:
         raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
+    if export.plan.dropped:
+        log.warning("warning: dropped %d tensor(s) for modules the model does not have (%s)", len(export.plan.dropped), export.plan.dropped[0][1])
     try:
         with _atomic_file(out_path) as tmp, progress_bar(2 * len(export.modules), "export-gguf") as bar:
             _write(export, tmp, outtype, lambda: bar.update(1))

@@ -72,7 +72,7 @@ def _read_gguf(path: Path) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
 
 
 def _llama_name(module: str) -> str:
-    m = re.match(r"model\.layers\.(\d+)\.(.+)$", module)
+    m = re.match(r"model\.(?:language_model\.)?layers\.(\d+)\.(.+)$", module)
     assert m, module
     return f"blk.{m.group(1)}.{LLAMA_NAMES[m.group(2)]}.weight"
 
@@ -108,6 +108,19 @@ def test_any_flavour_convert_accepts(scaled_adapter: Path, base_dir: Path, expor
     _, want = _read_gguf(exported)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert not any(k.startswith("blk.3.attn_k") for k in got)
+
+
+def test_multimodal_base_language_model_lora(tiny_dir: Path, text_adapter: Path, tmp_path: Path) -> None:
+    """On a Gemma4ForConditionalGeneration base the language model's names lose 'language_model.', as
+    llama.cpp's converter names the text GGUF; the k/v LoRA its KV-shared layers lack is not there."""
+    out = tmp_path / "mm.gguf"
+    assert main(["export-gguf", str(text_adapter), "--base", str(tiny_dir), "-o", str(out)]) == 0
+    fields, tensors = _read_gguf(out)
+    reference = peft_deltas(tiny_dir, text_adapter)
+    assert {_llama_name(m) for m in reference} == {n.removesuffix(".lora_a") for n in tensors if n.endswith(".lora_a")}
+    for module, delta in reference.items():
+        a, b = tensors[_llama_name(module) + ".lora_a"].double(), tensors[_llama_name(module) + ".lora_b"].double()
+        assert torch.allclose(float(fields["adapter.lora.alpha"]) / b.shape[1] * (b @ a), delta, rtol=1e-5, atol=1e-6), module
 
 
 def test_f16_output(scaled_adapter: Path, base_dir: Path, exported: Path, tmp_path: Path) -> None:
