@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,12 +33,14 @@ from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
 
-from .canonical import CanonicalPlan, ModuleDelta, Problem, find_layout, plan
+from gemma4_bridge.layout import NON_LANGUAGE
+
+from .canonical import find_layout, plan
+from .plans import CanonicalPlan, ModuleDelta, Problem
 
 if TYPE_CHECKING:
     from gemma4_bridge.layout import Gemma4Layout
-
-    from .inspect import Verdict
+    from gemma4_bridge.servers import Finding
 
 log = logging.getLogger("gemma4_bridge.gguf_export")
 OutType = Literal["f32", "f16"]
@@ -46,7 +48,6 @@ MERGE_ROUTE = (
     "merge it into the base with 'gemma4-bridge merge ADAPTER --base BASE -o MERGED', convert MERGED with "
     "llama.cpp's convert_hf_to_gguf.py (add --mmproj for the vision/audio GGUF) and serve that without --lora"
 )
-TOWER_COMPONENTS = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 # Planner problems that only say "not a LoRA weight here" (e.g. an embedding's saved base layer);
 # a specific reason (DoRA, embedding LoRA, towers, experts) is reported before them.
 GENERIC_CODES = ("not-lora", "unknown-module")
@@ -125,7 +126,7 @@ def plan_gguf(p: CanonicalPlan, layout: Gemma4Layout) -> GgufExport:
     modules: list[GgufModule] = []
     for m in p.modules:
         where = f"{p.weights_label}: tensor {m.a.source_key}"
-        if m.site.component in TOWER_COMPONENTS:
+        if m.site.component in NON_LANGUAGE:
             refused.append(Problem(
                 "llamacpp-tower", "broken",
                 f"{where} is a {m.site.component} LoRA; llama.cpp runs Gemma 4's towers in mtmd (the --mmproj GGUF), "
@@ -245,43 +246,49 @@ def _atomic_file(target: Path) -> Iterator[Path]:
         raise
 
 
-def llamacpp_verdicts(p: CanonicalPlan, layout: Gemma4Layout | None, problems: list[Problem]) -> list[Verdict]:
-    """inspect's llama.cpp lines: the stock convert_lora_to_gguf.py, and this export."""
-    from .inspect import Verdict
+def stock_findings(p: CanonicalPlan, problems: Sequence[Problem]) -> list[Finding]:
+    """What llama.cpp does with this adapter converted by its own convert_lora_to_gguf.py (read from
+    its code: one lora_alpha, a name filter that skips vision_/audio_ tensors; numbers measured in
+    tests/test_gguf_export.py). The llama.cpp server profiles in gemma4_bridge.servers call this."""
+    from gemma4_bridge.servers import Finding
 
     broken = [q for q in problems if q.severity == "broken"]
-    alpha = float(p.source_config.get("lora_alpha", 8))
-    stock = Verdict("llama.cpp (convert_lora_to_gguf)", "fails" if broken else "loads")
-    towers = sorted({m.site.component for m in p.modules} & set(TOWER_COMPONENTS))
     if broken:
-        stock.notes.append(f"broken adapter: {broken[0].message}")
-    else:
-        rescaled = [m for m in p.modules if m.site.component not in TOWER_COMPONENTS and abs(m.scaling - alpha / m.rank) > 1e-12 * abs(m.scaling)]
-        if rescaled:
-            stock.status = "loads, silently wrong"
-            stock.notes.append(
-                f"it writes lora_alpha={alpha:g} only, so llama.cpp scales every module by alpha/r; rsLoRA / alpha_pattern "
-                f"give {len(rescaled)} module(s) another scale (e.g. {rescaled[0].site.path}: PEFT {rescaled[0].scaling:g}, "
-                f"llama.cpp {alpha / rescaled[0].rank:g})"
-            )
-        if towers:
-            stock.status = "loads, silently wrong"
-            stock.notes.append(f"{', '.join(towers)} LoRA is dropped without a word (llama.cpp's mtmd has no LoRA path)")
-        if any(m.site.path.endswith("per_layer_model_projection") for m in p.modules):
-            stock.status = "loads, silently wrong"
-            stock.notes.append("the per_layer_model_projection LoRA loads but llama.cpp never applies it")
-    ours = Verdict("llama.cpp via export-gguf", "loads")
-    if layout is None:
-        ours.notes.append("pass --base to check what llama.cpp can apply")
-    else:
-        export = plan_gguf(p, layout)
-        refused = export.refused + [q for q in problems if q.severity == "broken" and q not in p.problems]
-        if refused:
-            ours.status = "fails"
-            ours.notes.append(f"refused: {refused[0].message} Route: {refused[0].fix}")
-        else:
-            ours.notes.append("gemma4-bridge export-gguf ADAPTER --base BASE -o adapter.gguf; llama-server -m base.gguf --lora adapter.gguf")
-    return [stock, ours]
+        return [Finding("fails", broken[0].code, f"broken adapter: {broken[0].message}")]
+    out: list[Finding] = []
+    alpha = float(p.source_config.get("lora_alpha", 8))
+    language = [m for m in p.modules if m.site.component not in NON_LANGUAGE]
+    rescaled = [m for m in language if abs(m.scaling - alpha / m.rank) > 1e-12 * abs(m.scaling)]
+    if rescaled:
+        m = rescaled[0]
+        out.append(Finding(
+            "loads, silently wrong", "llamacpp-scale",
+            f"it writes lora_alpha={alpha:g} only, so llama.cpp scales every module by alpha/r; rsLoRA / alpha_pattern give "
+            f"{len(rescaled)} module(s) another scale (e.g. {m.site.path}: PEFT {m.scaling:g}, llama.cpp {alpha / m.rank:g})",
+            "gemma4-bridge export-gguf",
+        ))  # fmt: skip
+    towers = sorted({m.site.component for m in p.modules} & set(NON_LANGUAGE))
+    if towers:
+        out.append(Finding("loads, silently wrong", "llamacpp-towers", f"{', '.join(towers)} LoRA is dropped without a word (llama.cpp's mtmd has no LoRA path)"))
+    if any(m.site.path.endswith("per_layer_model_projection") for m in language):
+        out.append(Finding("loads, silently wrong", "llamacpp-unapplied", "the per_layer_model_projection LoRA loads but llama.cpp never applies it"))
+    return out
 
 
-__all__ = ["GgufExport", "GgufModule", "export_gguf", "llamacpp_scale", "llamacpp_tensor_name", "llamacpp_verdicts", "plan_gguf"]
+def export_findings(p: CanonicalPlan, problems: Sequence[Problem]) -> list[Finding]:
+    """What ``export-gguf`` does with this adapter: the same refusals :func:`export_gguf` raises."""
+    from gemma4_bridge.servers import Finding
+
+    if p.layout is None:
+        return [Finding("note", "no-base", "pass --base to check what llama.cpp can apply")]
+    export = plan_gguf(p, p.layout)
+    extra = [_refusal(q) for q in problems if q.severity == "broken" and q not in p.problems]  # e.g. NaN/Inf found by a scan
+    refused = export.refused + extra
+    if refused:
+        return [Finding("fails", q.code, f"refused: {q.message}", q.fix) for q in refused[:1]] + [
+            Finding("note", "route", f"route: {refused[0].fix}")
+        ]
+    return [Finding("note", "command", "gemma4-bridge export-gguf ADAPTER --base BASE -o adapter.gguf; llama-server -m base.gguf --lora adapter.gguf")]
+
+
+__all__ = ["GgufExport", "GgufModule", "export_findings", "export_gguf", "llamacpp_scale", "llamacpp_tensor_name", "plan_gguf", "stock_findings"]

@@ -335,7 +335,31 @@ class SGLangClass(ServerProfile):
         return adapt_plan(plan)
 
 
+class StockLlamaCpp(ServerProfile):
+    """llama.cpp with an adapter from its own convert_lora_to_gguf.py (rules in converters/gguf_export.py)."""
+
+    name = "llama.cpp (convert_lora_to_gguf)"
+    package = "xllamacpp"  # the llama.cpp build the numbers were measured with
+    supported = "==2026.10.11549"
+
+    def refuse(self, plan: CanonicalPlan, problems: Sequence[Problem] | None = None, server: ServerFlags | None = None) -> list[Finding]:
+        from gemma4_bridge.converters.gguf_export import stock_findings
+
+        return stock_findings(plan, plan.problems if problems is None else problems)
+
+
+class LlamaCppExport(StockLlamaCpp):
+    """llama.cpp with an adapter from ``gemma4-bridge export-gguf``: loads with PEFT's numbers or is refused."""
+
+    name = "llama.cpp via export-gguf"
+
+    def refuse(self, plan: CanonicalPlan, problems: Sequence[Problem] | None = None, server: ServerFlags | None = None) -> list[Finding]:
+        from gemma4_bridge.converters.gguf_export import export_findings
+
+        return export_findings(plan, plan.problems if problems is None else problems)
+
+
 # What inspect reports, in this order. A new server: one ServerProfile subclass, one entry here.
-PROFILES: tuple[ServerProfile, ...] = (StockVLLM(), VLLMPlugin(), StockSGLang(), SGLangClass())
+PROFILES: tuple[ServerProfile, ...] = (StockVLLM(), VLLMPlugin(), StockSGLang(), SGLangClass(), StockLlamaCpp(), LlamaCppExport())
 VLLM_PLUGIN: VLLMPlugin = next(p for p in PROFILES if isinstance(p, VLLMPlugin))
 SGLANG_CLASS: SGLangClass = next(p for p in PROFILES if isinstance(p, SGLangClass))

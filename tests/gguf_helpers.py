@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gemma4_bridge.fixtures import MULTIMODAL_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE, _CORPUS, build_tiny_gemma4, variant
+from gemma4_bridge.testing.fixtures import MULTIMODAL_TOKENS, SPECIAL_TOKENS, VOCAB_SIZE, _CORPUS, build_tiny_gemma4, variant
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist's vendor/llama.cpp matches the xllamacpp pinned in scripts/env.sh
 PROMPT = [2, 17, 301, 45, 99, 7, 260, 13, 88, 410, 33, 120]  # > sliding_window (8): both attention kinds matter
