@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -281,6 +282,8 @@ def export_findings(p: CanonicalPlan, problems: Sequence[Problem]) -> list[Findi
 
     if p.layout is None:
         return [Finding("note", "no-base", "pass --base to check what llama.cpp can apply")]
+    if importlib.util.find_spec("gguf") is None:
+        return [Finding("fails", "no-gguf", "export-gguf needs llama.cpp's gguf package: pip install 'gemma4-bridge[llamacpp]'")]
     export = plan_gguf(p, p.layout)
     extra = [_refusal(q) for q in problems if q.severity == "broken" and q not in p.problems]  # e.g. NaN/Inf found by a scan
     refused = export.refused + extra

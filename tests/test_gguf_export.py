@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,16 @@ def test_inspect_llamacpp_verdicts(scaled_adapter: Path, base_dir: Path, tiny_di
     assert stock["status"] == "loads, silently wrong" and any("dropped without a word" in n for n in stock["notes"])
     ours = verdicts["llama.cpp via export-gguf"]
     assert ours["status"] == "fails" and any("gemma4-bridge merge" in n for n in ours["notes"]), ours
+
+
+def test_without_gguf_package(scaled_adapter: Path, base_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """gguf is an optional extra: inspect still works and says how to get it; export-gguf says so too."""
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    assert main(["inspect", str(scaled_adapter), "--base", str(base_dir), "--json", "--no-scan"]) == 0
+    ours = next(v for v in json.loads(capsys.readouterr().out)["verdicts"] if v["server"] == "llama.cpp via export-gguf")
+    assert ours["status"] == "fails" and "gemma4-bridge[llamacpp]" in ours["notes"][0]
+    assert main(["export-gguf", str(scaled_adapter), "--base", str(base_dir), "-o", str(tmp_path / "a.gguf")]) == 2
+    assert "gemma4-bridge[llamacpp]" in capsys.readouterr().err and not (tmp_path / "a.gguf").exists()
 
 
 # -- llama.cpp itself -------------------------------------------------------------------------------
