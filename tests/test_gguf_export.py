@@ -142,6 +142,16 @@ def test_output_is_atomic_and_never_silently_replaced(scaled_adapter: Path, base
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]  # no temp file left behind
 
 
+def test_failure_mid_write_leaves_nothing(scaled_adapter: Path, base_dir: Path, tmp_path: Path, capsys) -> None:
+    """A NaN is found only when its tensor is read, after the file was started: the temp file goes."""
+    last = "base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight"
+    bad = write_variant(scaled_adapter, tmp_path / "nan", transform=lambda k, v: v.index_fill(0, torch.tensor([0]), float("nan")) if k == last else v)
+    out = tmp_path / "out" / "a.gguf"
+    assert main(["export-gguf", str(bad), "--base", str(base_dir), "-o", str(out)]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
 # -- refused, with the route, never dropped -------------------------------------------------------
 
 
