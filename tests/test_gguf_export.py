@@ -176,6 +176,7 @@ def _peft_adapter(model_dir: Path, out: Path, **kwargs) -> Path:
 
     from gemma4_bridge.testing.fixtures import load_tiny_model
 
+    torch.manual_seed(0)  # init_lora_weights=False draws B at random
     get_peft_model(load_tiny_model(model_dir), LoraConfig(r=2, lora_alpha=4, **kwargs)).save_pretrained(out)
     return out
 
