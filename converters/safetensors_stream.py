@@ -21,6 +21,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.safetensors_header import read_header_from
+
 # torch dtype name -> (safetensors code, bytes per element)
 DTYPES: dict[str, tuple[str, int]] = {
     "float64": ("F64", 8),
@@ -33,6 +36,12 @@ DTYPES: dict[str, tuple[str, int]] = {
     "int8": ("I8", 1),
     "uint8": ("U8", 1),
     "bool": ("BOOL", 1),
+    "uint16": ("U16", 2),
+    "uint32": ("U32", 4),
+    "uint64": ("U64", 8),
+    "float8_e4m3fn": ("F8_E4M3", 1),
+    "float8_e5m2": ("F8_E5M2", 1),
+    "complex64": ("C64", 8),
 }
 CODE_TO_DTYPE: dict[str, str] = {code: name for name, (code, _) in DTYPES.items()}
 
@@ -162,22 +171,64 @@ class SafetensorsReader:
     Why not ``safe_open``: its tensors are backed by a memory map of the whole file, and every page
     touched stays in the process's resident set until the map is closed, so streaming a 1 GB file
     ends with 1 GB RSS. Reading into a buffer (or one window) keeps the peak at one tensor.
+
+    The reader keeps the file open and validates the header read through that descriptor (the one
+    validator, :func:`~gemma4_bridge.safetensors_header.validate_header`): a ``header`` passed in
+    must be that header, so a file replaced (renamed over) since its header was checked is refused
+    instead of read with offsets that describe another file.
     """
 
     WINDOW = 32 << 20  # bytes of the file mapped at a time by :meth:`mapped`
 
-    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+    def __init__(self, path: Path, header: dict[str, Any] | None = None) -> None:
         self.path = path
-        self.header = header
-        with path.open("rb") as f:
-            self.data_start = 8 + int.from_bytes(f.read(8), "little")
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        self._file: Any = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened first
+        self.header = self._open(expected=header)
+        self.data_start = 8 + int.from_bytes(self._pread(0, 8), "little")
+        ends = [v["data_offsets"][1] for k, v in self.header.items() if k != "__metadata__"]
         self.data_end = self.data_start + max(ends, default=0)
         self._window: tuple[int, int, Any, Any] | None = None  # (file start, file end, mmap, uint8 tensor)
+
+    def _open(self, expected: dict[str, Any] | None) -> dict[str, Any]:
+        """Open the file and validate its header; it must equal ``expected`` when given."""
+        try:
+            f = self.path.open("rb", buffering=0)
+        except OSError as exc:
+            raise BridgeError(f"{self.path}: cannot read ({exc.strerror or exc}).", fix="check that the file exists and is readable") from exc
+        try:
+            header = read_header_from(f, self.path)
+        except BaseException:
+            f.close()
+            raise
+        st = os.fstat(f.fileno())
+        identity = (st.st_dev, st.st_ino)
+        if (expected is not None and header != expected) or self._identity not in (None, identity):
+            f.close()
+            raise BridgeError(
+                f"{self.path}: the file changed while it was being read (its header is not the one checked).",
+                fix="do not replace an adapter while it is converted, inspected or loaded; run again",
+            )
+        self._file, self._identity = f, identity
+        return header
+
+    def _fd(self) -> int:
+        if self._file is None:  # reopened after close(): must still be the file whose header was checked
+            self._open(expected=self.header)
+        return self._file.fileno()
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        return os.pread(self._fd(), n, offset)
 
     def specs(self) -> list[TensorSpec]:
         """Tensors in file order."""
         items = sorted(((k, v) for k, v in self.header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in items:
+            if info["dtype"] not in CODE_TO_DTYPE:
+                raise BridgeError(
+                    f"{self.path}: tensor {name} has dtype {info['dtype']}, which gemma4-bridge cannot stream.",
+                    fix=f"supported: {', '.join(CODE_TO_DTYPE)}; convert that tensor to one of them first",
+                )
         return [TensorSpec(k, tuple(v["shape"]), CODE_TO_DTYPE[v["dtype"]]) for k, v in items]
 
     def get(self, name: str, scratch: Any = None) -> Any:
@@ -195,9 +246,7 @@ class SafetensorsReader:
             buf = memoryview(tensor.view(-1).view(torch.uint8).numpy())
             if len(buf) != end - start:
                 raise ValueError(f"{name}: header says {end - start} bytes for shape {info['shape']} {info['dtype']}")
-            with self.path.open("rb", buffering=0) as f:
-                f.seek(self.data_start + start)
-                got = f.readinto(buf)
+            got = os.preadv(self._fd(), [buf], self.data_start + start)
             if got != end - start:
                 raise ValueError(f"{name}: read {got} of {end - start} bytes (file truncated?)")
         return tensor
@@ -221,16 +270,16 @@ class SafetensorsReader:
             return memoryview(b""), torch.empty(tuple(info["shape"]), dtype=dtype)
         w = self._window
         if w is None or not (w[0] <= start and end <= w[1]):
-            self.close()
+            self._unmap()
             lo = start - start % mmap.ALLOCATIONGRANULARITY
             hi = max(end, min(lo + self.WINDOW, self.data_end))
-            with self.path.open("rb") as f:
-                # Touching a mapped page past the end of the file kills the process (SIGBUS), so a
-                # file truncated since its header was checked must fail here, as a clear error.
-                size = os.fstat(f.fileno()).st_size
-                if size < hi:
-                    raise ValueError(f"{name}: tensor data ends at byte {hi} but the file now has {size} bytes (truncated?)")
-                m = mmap.mmap(f.fileno(), hi - lo, prot=mmap.PROT_READ, offset=lo)
+            fd = self._fd()
+            # Touching a mapped page past the end of the file kills the process (SIGBUS), so a
+            # file truncated since its header was checked must fail here, as a clear error.
+            size = os.fstat(fd).st_size
+            if size < hi:
+                raise ValueError(f"{name}: tensor data ends at byte {hi} but the file now has {size} bytes (truncated?)")
+            m = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ, offset=lo)
             with warnings.catch_warnings():  # read-only on purpose: the tensor is only read
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.frombuffer(m, dtype=torch.uint8)
@@ -240,7 +289,14 @@ class SafetensorsReader:
         return raw, window[start - lo : end - lo].view(dtype).view(tuple(info["shape"]))
 
     def close(self) -> None:
-        """Unmap the current window (its pages leave the resident set)."""
+        """Unmap the current window (its pages leave the resident set) and close the file; a later
+        read reopens it (and checks it is still the same file)."""
+        self._unmap()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _unmap(self) -> None:
         if self._window is not None:
             m = self._window[2]
             self._window = None  # drops the window tensor, which holds the map's buffer

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gemma4_bridge.errors import BridgeError, StrEnum
+from gemma4_bridge.safetensors_header import read_safetensors_header  # the one strict header validator
 
 AttentionKind = Literal["sliding", "full"]
 KVRole = Literal["own", "store", "reuse"]
@@ -357,29 +357,6 @@ def _causal_lm_name(path: str) -> str:
     """Back from the one naming to the text-only checkpoint's own (inverse of _to_multimodal_names)."""
     spec = COMPONENT_BY_NAME[LANGUAGE_MODEL]
     return spec.text_only_prefix + path.removeprefix(spec.prefix) if path.startswith(spec.prefix) and spec.text_only_prefix else path
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of one safetensors file (tensor name -> dtype, shape, offsets), nothing more."""
-    try:
-        with path.open("rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > 100 * 1024 * 1024:
-                raise ValueError(f"header length {n} is implausible")
-            header = json.loads(f.read(n))
-            size = path.stat().st_size
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"tensor data ends at byte {8 + n + end} but the file has {size} bytes (truncated)")
-        return header
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise BridgeError(
-            f"{path}: not a readable safetensors file ({exc}).",
-            fix="the file is truncated or corrupt; copy it again from its source",
-        ) from exc
 
 
 def read_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
