@@ -13,8 +13,9 @@ from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
-from gemma4_bridge.adapter_io import CONFIG_NAME, METADATA_KEY, SAFETENSORS_NAME, AdapterDir, atomic_output_dir
+from gemma4_bridge.adapter_io import CONFIG_NAME, METADATA_KEY, SAFETENSORS_NAME, AdapterDir
 from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.output import atomic_output_dir, check_output
 
 from .canonical import find_layout, plan
 from .plans import CanonicalPlan
@@ -88,8 +89,7 @@ def _convert(
     refuse_overwriting_input(inputs, out_path)
     p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)
     p.raise_if_broken()
-    if out_path.exists() and not force:  # fail before reading any tensor
-        raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
+    check_output(out_path, force=force)  # fail before reading any tensor
     for key, why in p.dropped:
         log.debug("dropped %s: %s", key, why)
     if p.dropped:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gemma4_bridge.adapter_io import AdapterDir, atomic_output_dir
+from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, read_safetensors_header
+from gemma4_bridge.output import atomic_output_dir, check_output
 
 from .canonical import plan
 from .plans import CanonicalPlan, ModuleDelta
@@ -54,8 +55,7 @@ def merge_adapter(
     refuse_overwriting_input([ad.path, base_dir], out_path)
     p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)
     p.raise_if_broken()
-    if out_path.exists() and not force:
-        raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
+    check_output(out_path, force=force)
     deltas = {f"{m.site.model_path}.weight": m for m in p.modules}
     shards = sorted(base_dir.glob("*.safetensors"))
     headers = {shard: read_safetensors_header(shard) for shard in shards}
@@ -97,14 +97,19 @@ def _merge_shard(shard: Path, header: dict[str, Any], out: Path, deltas: dict[st
 
 
 def _copy_side_files(base_dir: Path, out: Path, shard_names: set[str]) -> None:
-    """Config, generation config, tokenizer, processor, chat template: everything but weights and index."""
+    """Config, generation config, tokenizer, processor, chat template: everything but weights and index.
+
+    Contents only (``copyfile``): the copies get the umask's modes, like every other output file,
+    not the base's (a read-only or 0600 base file would otherwise make the output unreadable to others).
+    """
     for item in base_dir.iterdir():
         if item.name in shard_names or item.name == INDEX_NAME or item.name.startswith("."):
             continue
         if item.is_dir():
-            shutil.copytree(item, out / item.name)
+            (out / item.name).mkdir()
+            _copy_side_files(item, out / item.name, set())
         else:
-            shutil.copy2(item, out / item.name)
+            shutil.copyfile(item, out / item.name)
 
 
 def _rewrite_index(base_dir: Path, out: Path, headers: dict[Path, dict[str, Any]]) -> None:

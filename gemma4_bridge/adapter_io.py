@@ -2,8 +2,8 @@
 
 Reading: safetensors first, streamed with ``safe_open`` (mmap); pickle files (``.bin``/``.pt``) only
 through ``torch.load(weights_only=True)`` with an explicit allow-list, never a blind unpickle.
-Writing: into a temporary sibling directory that is renamed into place, so a crash leaves nothing
-half-made and an existing output is replaced only when asked.
+Writing: through :mod:`gemma4_bridge.output` (a temporary sibling directory renamed into place, so
+a crash or a signal leaves nothing half-made and an existing output is replaced only when asked).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import read_safetensors_header
+from gemma4_bridge.output import atomic_output_dir, staged_files  # noqa: F401 - the writers' entry points
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -150,28 +149,6 @@ def _find_weights(root: Path) -> tuple[Path, bool]:
         f"{root}: no {SAFETENSORS_NAME} (nor {', '.join(PICKLE_NAMES)}).",
         fix="the adapter weights are missing; save them with PEFT's save_pretrained",
     )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
-    """Yield a temp directory next to ``out``; on success rename it to ``out``, on error delete it."""
-    target = Path(out)
-    if target.exists() and not force:
-        raise BridgeError(f"{target}: already exists.", fix="choose another output path or pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(backup)
-            tmp.rename(target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_adapter(out_dir: Path, config: dict[str, Any], tensors: dict[str, Any], metadata: dict[str, Any]) -> None:

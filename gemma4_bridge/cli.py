@@ -1,8 +1,9 @@
 """``gemma4-bridge``: inspect, convert and merge Gemma 4 LoRA adapters; run the demo.
 
 Each subcommand lives in its own module exposing ``HELP`` (one line), ``configure(parser)`` and
-``run(args) -> int``; this file only dispatches, turns :class:`BridgeError` into a one-paragraph
-message with a non-zero exit, and keeps tracebacks for ``--debug``.
+``run(args) -> int``; this file only dispatches, turns :class:`BridgeError` (and any file-system
+error) into a one-paragraph message with a non-zero exit, keeps tracebacks for ``--debug``, and
+makes SIGTERM/SIGHUP stop a command the way Ctrl-C does (outputs cleaned up, exit 128 + signal).
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from gemma4_bridge import __version__
 from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.output import Interrupted, interrupt_on_signals
 
 # name -> module implementing it. Modules import heavy libraries (torch) lazily inside run().
 SUBCOMMANDS: dict[str, str] = {
@@ -60,16 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
+    prefix = f"gemma4-bridge {args.command}"
     try:
-        return int(args._run(args) or 0)
+        with interrupt_on_signals():
+            return int(args._run(args) or 0)
     except BridgeError as err:
         if args.debug:
             raise
-        print(f"gemma4-bridge {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prefix}: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print(f"gemma4-bridge {args.command}: interrupted; no output was written.", file=sys.stderr)
-        return 130
+    except OSError as err:  # one the command did not anticipate: still one paragraph, no traceback
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"{prefix}: error: {where}{err.strerror or err}. Fix: check that path and the disk (--debug shows where it failed).", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        done = exc.completed if isinstance(exc, Interrupted) else None
+        what = f"{done} was already complete" if done else "no output was written (temporary files removed)"
+        print(f"{prefix}: interrupted by {signal.Signals(signum).name}; {what}.", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ other entry an object with a known ``dtype``, a ``shape`` list of non-negative i
 non-negative integer ``data_offsets``; sorted by offsets, the tensors start at byte 0, follow each
 other without gap or overlap, each holds exactly ``numel * bits / 8`` bytes, and the last one ends
 exactly at the end of the file. Unknown extra fields of an entry are ignored, as safetensors does.
+One rule is stricter: an entry must be a JSON object (serde would also read ``[dtype, shape,
+data_offsets]`` as an entry; no writer produces that, and the format defines entries as objects).
 """
 
 from __future__ import annotations

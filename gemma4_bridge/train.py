@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -45,9 +44,10 @@ import torch
 from packaging.version import Version
 
 from gemma4_bridge import __version__
-from gemma4_bridge.adapter_io import CONFIG_NAME, SAFETENSORS_NAME, atomic_output_dir, write_adapter
+from gemma4_bridge.adapter_io import write_adapter
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import LANGUAGE_MODEL, TOWERS, Gemma4Layout
+from gemma4_bridge.output import atomic_output_dir, staged_files
 
 
 _LAYOUT_ATTR = "_gemma4_bridge_layout"
@@ -376,10 +376,8 @@ def save_adapter(model: Any, out_dir: str | os.PathLike[str], *, adapter_name: s
         with atomic_output_dir(out) as tmp:
             write_adapter(tmp, canon_config, canon_tensors, metadata)
         return out
-    with tempfile.TemporaryDirectory(prefix=".gemma4-bridge-", dir=out) as tmp:
-        write_adapter(Path(tmp), canon_config, canon_tensors, metadata)
-        for name in (SAFETENSORS_NAME, CONFIG_NAME):
-            os.replace(Path(tmp) / name, out / name)
+    with staged_files(out) as tmp:  # each file replaced atomically; a killed run's temp dir is swept
+        write_adapter(tmp, canon_config, canon_tensors, metadata)
     return out
 
 

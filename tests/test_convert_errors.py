@@ -233,3 +233,88 @@ def test_safetensors_with_unexpected_dtype(capsys, tmp_path, all_linear_adapter,
     bad = copy_adapter(all_linear_adapter, tmp_path / "int8")
     save_file(tensors, bad / "adapter_model.safetensors")
     assert_refused(capsys, bad, tiny_dir, A_KEY)
+
+
+# -- corrupt safetensors headers (issue 14 item 2): refused as strictly as the safetensors library --
+def _rewrite_header(weights: Path, mutate) -> None:
+    """Rewrite the JSON header of ``weights`` through ``mutate(header) -> header``, data bytes unchanged."""
+    raw = weights.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = mutate(json.loads(raw[8 : 8 + n]))
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def _by_offset(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def _second(header: dict) -> str:
+    """A tensor that is neither first nor last in the file (so each corruption breaks one rule)."""
+    return _by_offset(header)[1]
+
+
+def _set(name_of, field: str, value_of):
+    def mutate(header: dict) -> dict:
+        name = name_of(header)
+        header[name][field] = value_of(header[name])
+        return header
+
+    return mutate
+
+
+def _grow_last(header: dict) -> dict:
+    """The last tensor claims twice its rows, shape and offsets consistent: its data runs past the file."""
+    info = header[_by_offset(header)[-1]]
+    begin, end = info["data_offsets"]
+    info["shape"][0] *= 2
+    info["data_offsets"] = [begin, end + (end - begin)]
+    return header
+
+
+CORRUPT_HEADERS = {
+    # case: (mutation, which tensor the message names (None: the header as a whole), words in the message)
+    "overlapping": (_set(_second, "data_offsets", lambda i: [i["data_offsets"][0] - 4, i["data_offsets"][1] - 4]), _second, "overlap"),
+    "negative": (_set(_second, "data_offsets", lambda i: [-8, i["data_offsets"][1]]), _second, "non-negative"),
+    "reversed": (_set(_second, "data_offsets", lambda i: i["data_offsets"][::-1]), _second, "reversed"),
+    "out-of-bounds": (_grow_last, lambda h: _by_offset(h)[-1], "truncated"),
+    "size-disagrees": (_set(_second, "shape", lambda i: [i["shape"][0], i["shape"][1] + 1]), _second, "needs"),
+    "shape-not-list": (_set(_second, "shape", lambda i: 5), _second, "not a list"),
+    "negative-dims": (_set(_second, "shape", lambda i: [-d for d in i["shape"]]), _second, "non-negative"),
+    "header-is-list": (lambda h: [v for k, v in h.items() if k != "__metadata__"], None, "JSON list"),
+    "entry-not-object": (lambda h: {**h, _second(h): h[_second(h)]["dtype"]}, _second, "not an object"),
+}
+
+
+def _corrupt_adapter(src: Path, dst: Path, case: str) -> tuple[Path, str | None, str]:
+    mutate, name_of, words = CORRUPT_HEADERS[case]
+    bad = copy_adapter(src, dst)
+    weights = bad / "adapter_model.safetensors"
+    raw = weights.read_bytes()
+    original = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    tensor = name_of(original) if name_of else None
+    _rewrite_header(weights, mutate)
+    return bad, tensor, words
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_HEADERS))
+def test_corrupt_header_refused_by_convert_and_inspect(capsys, tmp_path, all_linear_adapter, tiny_dir, case) -> None:
+    """Before: overlapping/negative/reversed/out-of-range/mis-sized offsets converted with exit 0
+    (header bytes and uninitialised memory written as weights) and inspect called them loadable;
+    a list header, a non-object entry and ``"shape": 5`` raised tracebacks."""
+    from safetensors import safe_open
+
+    bad, tensor, words = _corrupt_adapter(all_linear_adapter, tmp_path / case, case)
+    weights = bad / "adapter_model.safetensors"
+    with pytest.raises(Exception), safe_open(str(weights), framework="pt"):  # the reference refuses it too
+        pass
+    expect = [str(weights), "corrupt safetensors header", words] + ([f"tensor {tensor}:"] if tensor else [])
+    assert_refused(capsys, bad, tiny_dir, *expect)
+    before = dir_digest(bad)
+    code, stdout, err = run_cli(capsys, "inspect", str(bad), "--base", str(tiny_dir))
+    assert code == 2, (code, stdout, err)
+    assert err.startswith("gemma4-bridge inspect: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err + stdout and "Fix:" in err
+    assert all(text in err for text in expect), (expect, err)
+    assert dir_digest(bad) == before
