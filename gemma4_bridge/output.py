@@ -142,15 +142,16 @@ def atomic_output_dir(out: str | os.PathLike[str], *, force: bool = False) -> It
     committed = False
     try:
         _test_pause("created")
-        with _os_errors(target, tmp):
-            yield tmp
+        yield tmp
         _test_pause("written")
-        with _signals_deferred(completed=target), _os_errors(target, tmp):
+        with _signals_deferred(completed=target):
             committed = _commit(tmp, target, force=force)
-    except BaseException:
+    except BaseException as exc:
         if not committed:
             with _signals_deferred():
                 _remove(tmp)
+        if isinstance(exc, OSError):  # after the cleanup, so the message can say what is free now
+            raise _write_error(exc, target, tmp) from exc
         raise
     finally:
         os.close(lock)
@@ -165,11 +166,12 @@ def staged_files(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     sweep_leftovers(root, "gemma4-bridge")
     tmp, lock = _make_temp_dir(root, "gemma4-bridge")
     try:
-        with _os_errors(root, tmp):
-            yield tmp
-            with _signals_deferred(completed=root):
-                for item in sorted(tmp.iterdir()):
-                    os.replace(item, root / item.name)
+        yield tmp
+        with _signals_deferred(completed=root):
+            for item in sorted(tmp.iterdir()):
+                os.replace(item, root / item.name)
+    except OSError as exc:
+        raise _write_error(exc, root, tmp) from exc
     finally:
         with _signals_deferred():
             _remove(tmp)
@@ -234,7 +236,11 @@ def _commit(tmp: Path, target: Path, *, force: bool) -> bool:
     try:
         os.rename(target, backup)
         _test_pause("moved-aside")
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(backup, target)  # put the old one back: OUT is never left missing by an error
+            raise
         _remove(backup)
     finally:
         if lock is not None:
@@ -332,26 +338,33 @@ def _os_errors(target: Path, tmp: Path | None) -> Iterator[None]:
 
 
 def _write_error(exc: OSError, target: Path, tmp: Path | None) -> BridgeError:
-    where = Path(exc.filename) if exc.filename else target
-    if tmp is not None and (where == tmp or tmp in where.parents):
-        where = target / where.relative_to(tmp)  # name what the file will be, not the temp path
-    elif exc.filename and where != target and target not in where.parents and where not in target.parents:
-        # Not the output side (e.g. a base model file merge copies): name that file.
+    """The one-paragraph error for an OSError met while creating ``target`` (temp dir ``tmp``),
+    naming the file as the user will know it: OUT/..., not the temp path."""
+    where = Path(exc.filename) if exc.filename else None
+    if where is None:  # write() failures carry no file name
+        what = "the output"
+    elif tmp is not None and (where == tmp or tmp in where.parents):
+        what = str(target / where.relative_to(tmp))
+    elif where.parent == target.parent and where.name.startswith(f".{target.name}."):
+        what = str(target.parent)  # creating our temp sibling failed: that directory is the problem
+    elif where == target or target in where.parents or where in target.parents:
+        what = str(where)
+    else:  # not the output side (e.g. a base model file merge copies): name that file
         return BridgeError(f"{where}: {exc.strerror or exc}.", fix="check that the file exists and is readable")
     removed = " The partial output was removed." if tmp is not None else ""
     code = exc.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(target.parent)
         return BridgeError(
-            f"{target}: no space left on the device while writing {where}"
-            f"{f' ({free / 2**20:.0f} MiB free now)' if free is not None else ''}.{removed}",
+            f"{target}: no space left on the device while writing {what}{removed}"
+            f"{f' {free / 2**20:.1f} MiB are free now.' if free is not None else ''}",
             fix="free space on that file system, or write the output to another one (-o)",
         )
     if code == errno.EROFS:
-        return BridgeError(f"{target}: the file system is read-only ({where}).{removed}", fix="write the output to a writable location (-o)")
+        return BridgeError(f"{target}: the file system is read-only ({what}).{removed}", fix="write the output to a writable location (-o)")
     if code in (errno.EACCES, errno.EPERM):
         return BridgeError(
-            f"{where}: permission denied ({exc.strerror}) while creating the output {target}.{removed}",
+            f"{what}: permission denied ({exc.strerror}) while creating the output {target}.{removed}",
             fix="write the output to a directory you can write to (-o), or fix that directory's permissions",
         )
     if code in (errno.EEXIST, errno.ENOTDIR) and tmp is None:
@@ -361,7 +374,7 @@ def _write_error(exc: OSError, target: Path, tmp: Path | None) -> BridgeError:
             fix="choose an output path whose parent directories are directories (-o)",
         )
     return BridgeError(
-        f"{target}: could not write the output ({exc.strerror or exc}: {where}).{removed}",
+        f"{target}: could not write the output ({exc.strerror or exc}: {what}).{removed}",
         fix="check the output path, its permissions and the disk",
     )
 
