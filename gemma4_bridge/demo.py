@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gemma4_bridge.output import atomic_output_dir
+
 HELP = "build a tiny Gemma 4, break adapters like real tools do, fix and serve them via vLLM, compare to PEFT"
 TOL = 1e-3
 
@@ -104,11 +106,11 @@ def _once(path: Path, make: Any) -> Path:
 def _rewrite(src: Path, out: Path, *, rename: str, to: str) -> Path:
     from safetensors.torch import load_file, save_file
 
-    if not out.exists():
-        out.mkdir()
-        tensors = {re.sub(rename, to, k): v for k, v in load_file(src / "adapter_model.safetensors").items()}
-        save_file(tensors, out / "adapter_model.safetensors")
-        (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    if not out.exists():  # atomically: a demo killed here must not leave a half-made adapter for the next run
+        with atomic_output_dir(out) as tmp:
+            tensors = {re.sub(rename, to, k): v for k, v in load_file(src / "adapter_model.safetensors").items()}
+            save_file(tensors, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
     return out
 
 
@@ -118,14 +120,14 @@ def _kv_shared_extras(src: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     if not out.exists():
-        out.mkdir()
-        tensors = load_file(src / "adapter_model.safetensors")
-        for proj in ("k_proj", "v_proj"):
-            key = f"base_model.model.model.language_model.layers.3.self_attn.{proj}"
-            tensors[f"{key}.lora_A.weight"] = torch.full((4, 64), 0.3)
-            tensors[f"{key}.lora_B.weight"] = torch.full((32, 4), 0.3)
-        save_file(tensors, out / "adapter_model.safetensors")
-        (out / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        with atomic_output_dir(out) as tmp:
+            tensors = load_file(src / "adapter_model.safetensors")
+            for proj in ("k_proj", "v_proj"):
+                key = f"base_model.model.model.language_model.layers.3.self_attn.{proj}"
+                tensors[f"{key}.lora_A.weight"] = torch.full((4, 64), 0.3)
+                tensors[f"{key}.lora_B.weight"] = torch.full((32, 4), 0.3)
+            save_file(tensors, tmp / "adapter_model.safetensors")
+            (tmp / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
     return out
 
 
