@@ -33,6 +33,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,10 +59,6 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
         self.completed = completed
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
 
 _deferring = 0  # > 0 while a commit or a cleanup runs: signals wait for its end
 _pending: list[int] = []
@@ -76,13 +73,23 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
-    """Raise :class:`Interrupted` in the main thread on SIGINT, SIGTERM and SIGHUP (CLI commands)."""
-    previous = {s: signal.signal(s, _on_signal) for s in INTERRUPT_SIGNALS}
+    """Raise :class:`Interrupted` in the main thread on SIGINT, SIGTERM and SIGHUP (CLI commands).
+
+    A signal that is ignored stays ignored (``nohup`` ignores SIGHUP, a shell's background job
+    SIGINT); from another thread nothing is installed (Python allows handlers in the main thread only).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in INTERRUPT_SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, _on_signal)
     try:
         yield
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         _pending.clear()
 
 

@@ -410,3 +410,18 @@ def test_outputs_follow_the_umask(capsys, tmp_path, all_linear_adapter, tiny_dir
                 assert stat.S_IMODE(path.stat().st_mode) == want, (command, path, oct(path.stat().st_mode), oct(want))
     finally:
         os.umask(previous)
+
+
+def test_ignored_signals_stay_ignored() -> None:
+    """Under ``nohup`` SIGHUP is ignored: the CLI's handlers must not turn it back on."""
+    from gemma4_bridge.output import interrupt_on_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        with interrupt_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not term
+        assert signal.getsignal(signal.SIGTERM) is term
+    finally:
+        signal.signal(signal.SIGHUP, previous)
