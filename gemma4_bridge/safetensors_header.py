@@ -79,7 +79,7 @@ def read_header_from(f: BinaryIO, path: Path) -> dict[str, Any]:
     """Like :func:`read_safetensors_header`, from an open file (position ignored)."""
     size = os.fstat(f.fileno()).st_size
     f.seek(0)
-    raw_len = f.read(8)
+    raw_len = _read(f, 8)
     if len(raw_len) != 8:
         raise _corrupt(path, f"the file has {size} bytes, fewer than the 8-byte header length (truncated)")
     (n,) = struct.unpack("<Q", raw_len)
@@ -87,13 +87,27 @@ def read_header_from(f: BinaryIO, path: Path) -> dict[str, Any]:
         raise _corrupt(path, f"header length {n} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes")
     if 8 + n > size:
         raise _corrupt(path, f"the header claims {n} bytes but the file has {size} (truncated)")
-    raw = f.read(n)
+    raw = _read(f, n)
+    if len(raw) != n:
+        raise _corrupt(path, f"the header claims {n} bytes but only {len(raw)} could be read (truncated)")
     try:
         text = raw.decode("utf-8")
         header = json.loads(text, object_pairs_hook=_object, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise _corrupt(path, f"the header is not valid UTF-8 JSON ({str(exc)[:200]})") from exc
     return validate_header(header, path, data_len=size - 8 - n)
+
+
+def _read(f: BinaryIO, n: int) -> bytes:
+    """``n`` bytes from ``f`` (fewer only at the end of the file): an unbuffered read may return less."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = f.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def validate_header(header: Any, path: Path, *, data_len: int) -> dict[str, Any]:
