@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -210,6 +211,7 @@ class SafetensorsReader:
                 fix="do not replace an adapter while it is converted, inspected or loaded; run again",
             )
         self._file, self._identity = f, identity
+        self._closer = weakref.finalize(self, f.close)  # a reader dropped unclosed still closes its file
         return header
 
     def _fd(self) -> int:
@@ -293,7 +295,7 @@ class SafetensorsReader:
         read reopens it (and checks it is still the same file)."""
         self._unmap()
         if self._file is not None:
-            self._file.close()
+            self._closer()
             self._file = None
 
     def _unmap(self) -> None:
