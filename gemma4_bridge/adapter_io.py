@@ -18,7 +18,7 @@ from typing import Any
 
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import read_safetensors_header
-from gemma4_bridge.output import atomic_output_dir, staged_files  # noqa: F401 - the writers' entry points
+from gemma4_bridge.output import atomic_output_dir, staged_files  # noqa: F401 - re-exported for writers that import them from here
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
