@@ -157,6 +157,24 @@ def test_serving_check_refuses_corrupt_offsets(tmp_path, all_linear_adapter, tin
         check_adapter(bad, ctx)
 
 
+def test_corrupt_base_shard_is_refused(capsys, tmp_path, all_linear_adapter, tiny_dir) -> None:
+    """Base model headers go through the same validator (merge reads their offsets as data)."""
+    import shutil
+
+    base = Path(shutil.copytree(tiny_dir, tmp_path / "base"))
+    (shard,) = sorted(base.glob("*.safetensors"))
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    name = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[1]
+    header[name]["data_offsets"] = header[name]["data_offsets"][::-1]
+    text = json.dumps(header).encode()
+    shard.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    out = tmp_path / "merged"
+    code, err = _run(capsys, "merge", str(all_linear_adapter), "--base", str(base), "-o", str(out))
+    _assert_clean_refusal(code, err, "merge", out, str(shard), f"tensor {name}:", "reversed")
+
+
 # -- item 3: file-system errors on the output side -------------------------------------------
 def _run(capsys, *argv: str) -> tuple[int, str]:
     code = main(list(argv))
@@ -297,6 +315,14 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, all_linear_adapter, tiny_dir) -
     assert "interrupted by SIGTERM; no output was written (temporary files removed)" in err and "Traceback" not in err
     assert not out.exists() and _leftovers(out) == []
     assert dir_digest(all_linear_adapter) == before
+
+
+def test_sigterm_stops_merge_too(tmp_path, all_linear_adapter, tiny_dir) -> None:
+    out = tmp_path / "merged"
+    child = Paused(["merge", str(all_linear_adapter), "--base", str(tiny_dir), "-o", str(out)], "created")
+    code, err = child.signal(signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM; no output was written" in err, err
+    assert not out.exists() and _leftovers(out) == []
 
 
 def test_kill9_leftovers_are_removed_by_the_next_run(capsys, tmp_path, all_linear_adapter, tiny_dir) -> None:
