@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.errors import BridgeError, ErrorCode
 from gemma4_bridge.safetensors_header import read_header_from
 
 # torch dtype name -> (safetensors code, bytes per element)
@@ -196,7 +196,9 @@ class SafetensorsReader:
         try:
             f = self.path.open("rb", buffering=0)
         except OSError as exc:
-            raise BridgeError(f"{self.path}: cannot read ({exc.strerror or exc}).", fix="check that the file exists and is readable") from exc
+            raise BridgeError(
+                f"{self.path}: cannot read ({exc.strerror or exc}).", fix="check that the file exists and is readable", code=ErrorCode.UNREADABLE
+            ) from exc
         try:
             header = read_header_from(f, self.path)
         except BaseException:
@@ -209,6 +211,7 @@ class SafetensorsReader:
             raise BridgeError(
                 f"{self.path}: the file changed while it was being read (its header is not the one checked).",
                 fix="do not replace an adapter while it is converted, inspected or loaded; run again",
+                code=ErrorCode.UNREADABLE,
             )
         self._file, self._identity = f, identity
         self._closer = weakref.finalize(self, f.close)  # a reader dropped unclosed still closes its file

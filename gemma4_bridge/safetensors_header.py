@@ -27,7 +27,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from gemma4_bridge.errors import BridgeError
+from gemma4_bridge.errors import BridgeError, ErrorCode
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' MAX_HEADER_SIZE
 METADATA_KEY = "__metadata__"
@@ -81,7 +81,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             return read_header_from(f, Path(path))
     except OSError as exc:
         raise BridgeError(
-            f"{path}: cannot read ({exc.strerror or exc}).", fix="check that the file exists and is readable"
+            f"{path}: cannot read ({exc.strerror or exc}).", fix="check that the file exists and is readable", code=ErrorCode.UNREADABLE
         ) from exc
 
 
@@ -220,4 +220,4 @@ def _short(x: Any) -> str:
 
 def _corrupt(path: Path, what: str, tensor: str | None = None) -> BridgeError:
     where = f"tensor {tensor}: " if tensor is not None else ""
-    return BridgeError(f"{path}: corrupt safetensors header: {where}{what}.", fix=CORRUPT_FIX)
+    return BridgeError(f"{path}: corrupt safetensors header: {where}{what}.", fix=CORRUPT_FIX, code=ErrorCode.UNREADABLE)
