@@ -18,14 +18,12 @@ recovery). What llama.cpp cannot apply is refused with the route that works, nev
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,6 +33,7 @@ from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
 
 from gemma4_bridge.layout import NON_LANGUAGE
+from gemma4_bridge.output import atomic_output_file, check_output
 
 from .canonical import find_layout, plan
 from .plans import CanonicalPlan, ModuleDelta, Problem
@@ -190,12 +189,11 @@ def export_gguf(
     export.raise_if_refused()
     if not export.modules:
         raise BridgeError(f"{ad.path}: the adapter has no LoRA module llama.cpp could apply.", fix="check target_modules")
-    if out_path.exists() and not force:
-        raise BridgeError(f"{out_path}: already exists.", fix="choose another output path or pass --force to replace it")
+    check_output(out_path, force=force)
     if export.plan.dropped:
         log.warning("warning: dropped %d tensor(s) for modules the model does not have (%s)", len(export.plan.dropped), export.plan.dropped[0][1])
     try:
-        with _atomic_file(out_path) as tmp, progress_bar(2 * len(export.modules), "export-gguf") as bar:
+        with atomic_output_file(out_path, force=force) as tmp, progress_bar(2 * len(export.modules), "export-gguf") as bar:
             _write(export, tmp, outtype, lambda: bar.update(1))
     finally:
         export.plan.close()
@@ -230,21 +228,6 @@ def _write(export: GgufExport, path: Path, outtype: OutType, tick: Any) -> None:
         writer.write_tensor_data(np.ascontiguousarray(tensor.numpy().astype(np_dtype)))
         tick()
     writer.close()
-
-
-@contextlib.contextmanager
-def _atomic_file(target: Path) -> Iterator[Path]:
-    """A temp file beside ``target``, renamed onto it on success and deleted on error."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def stock_findings(p: CanonicalPlan, problems: Sequence[Problem]) -> list[Finding]:

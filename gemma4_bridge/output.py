@@ -1,14 +1,15 @@
-"""Writing output directories so that no kill, signal or full disk leaves a half-made or missing one.
+"""Writing outputs so that no kill, signal or full disk leaves a half-made or missing one.
 
-Every command that writes (``convert``, ``merge``, ``train.save_adapter``) writes into a hidden
-sibling ``.OUT.tmp-<pid>-<random>`` and renames it into place only when complete:
+Every command that writes (``convert``, ``merge``, ``export-gguf``, ``train.save_adapter``) writes
+into a hidden sibling ``.OUT.tmp-<pid>-<random>`` (a directory, or a file for single-file outputs)
+and renames it into place only when complete:
 
 - SIGTERM and SIGHUP behave like Ctrl-C (:func:`interrupt_on_signals`, installed by the CLI): the
   temporary directory is removed and the command says so; the commit (the renames) is never cut
   in half, a signal that arrives during it is acted on right after.
 - ``kill -9`` cannot be caught, so each run first removes what earlier runs of *dead* processes
-  left next to the same output (their ``<pid>`` is gone and no one holds the directory's lock);
-  a live process's directory is never touched.
+  left next to the same output (their ``<pid>`` is gone and no one holds the temp's ``flock``);
+  a live process's temp is never touched.
 - ``--force`` swaps the new directory with the old one in one ``renameat2(RENAME_EXCHANGE)`` on
   Linux, so OUT is never missing; where the kernel or file system lacks it, the old directory is
   moved aside to ``.OUT.old-<pid>`` first, and a run killed between the two renames has OUT
@@ -141,11 +142,24 @@ def _exists(target: Path) -> BridgeError:
 def atomic_output_dir(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temp directory next to ``out``; on success it becomes ``out``, on any error
     or signal it is removed. See the module docstring for what survives which kill."""
-    target = Path(out)
+    with _atomic_output(Path(out), force=force, directory=True) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_output_file(out: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """The same for a single-file output: yield an empty temp file next to ``out`` (mode
+    0o666 & ~umask) to write by path; on success it replaces ``out`` in one rename."""
+    with _atomic_output(Path(out), force=force, directory=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_output(target: Path, *, force: bool, directory: bool) -> Iterator[Path]:
     check_output(target, force=force)
     with _os_errors(target, None):
         target.parent.mkdir(parents=True, exist_ok=True)
-    tmp, lock = _make_temp_dir(target.parent, target.name)
+    tmp, lock = _make_temp(target.parent, target.name, directory=directory)
     committed = False
     try:
         _test_pause("created")
@@ -171,7 +185,7 @@ def staged_files(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
     add files to a directory holding other things (a training run's output dir)."""
     root = Path(out_dir)
     sweep_leftovers(root, "gemma4-bridge")
-    tmp, lock = _make_temp_dir(root, "gemma4-bridge")
+    tmp, lock = _make_temp(root, "gemma4-bridge", directory=True)
     try:
         yield tmp
         with _signals_deferred(completed=root):
@@ -185,12 +199,16 @@ def staged_files(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         os.close(lock)
 
 
-def _make_temp_dir(parent: Path, name: str) -> tuple[Path, int]:
-    """``.NAME.tmp-<pid>-<random>`` in ``parent``, mode 0o777 & ~umask, locked by this process."""
+def _make_temp(parent: Path, name: str, *, directory: bool) -> tuple[Path, int]:
+    """``.NAME.tmp-<pid>-<random>`` in ``parent`` (a directory, or an empty file), created with the
+    umask's modes (0o777 / 0o666 & ~umask, as any program's outputs), and locked by this process."""
     while True:
         tmp = parent / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            os.mkdir(tmp, 0o777)  # the umask applies, as for any directory a program creates
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666))
             break
         except FileExistsError:
             continue
@@ -202,10 +220,11 @@ def _make_temp_dir(parent: Path, name: str) -> tuple[Path, int]:
 
 
 def _lock(path: Path, *, blocking: bool) -> int | None:
-    """An open descriptor holding an exclusive ``flock`` on ``path`` (released when the process
-    dies, even by ``kill -9``); None if another process holds it (non-blocking) or it is gone."""
+    """An open descriptor holding an exclusive ``flock`` on ``path`` (a directory or a file;
+    released when the process dies, even by ``kill -9``); None if another process holds it
+    (non-blocking) or it is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
@@ -239,7 +258,7 @@ def _commit(tmp: Path, target: Path, *, force: bool) -> bool:
     # leaves OUT missing and .OUT.old-<pid> present; the next run puts it back (sweep_leftovers).
     log.debug("%s: renameat2(RENAME_EXCHANGE) unsupported here; replacing in two renames", target)
     backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-    lock = _lock(target, blocking=False) if target.is_dir() else None
+    lock = _lock(target, blocking=False)
     try:
         os.rename(target, backup)
         _test_pause("moved-aside")
@@ -304,8 +323,8 @@ def sweep_leftovers(parent: Path, name: str) -> None:
         if not m or _alive(int(m.group(2))):
             continue
         path = Path(entry.path)
-        lock = _lock(path, blocking=False) if entry.is_dir(follow_symlinks=False) else None
-        if lock is None and entry.is_dir(follow_symlinks=False):
+        lock = _lock(path, blocking=False)
+        if lock is None and os.path.lexists(path) and not path.is_symlink():
             continue  # held by a live process (another PID namespace or host): not ours to touch
         try:
             target = parent / name

@@ -420,6 +420,34 @@ def test_staged_files_sweep_dead_leftovers(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "trainer_state.json"]
 
 
+def test_single_file_outputs_use_the_same_mechanism(tmp_path) -> None:
+    """export-gguf writes one file through atomic_output_file: umask modes (mkstemp gave 0600),
+    dead processes' temp files swept, live ones kept, --force replaces in one rename."""
+    from gemma4_bridge.output import atomic_output_file
+
+    out = tmp_path / "a.gguf"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".a.gguf.tmp-{dead.pid}-00ff00ff").write_bytes(b"partial")
+    with subprocess.Popen(["sleep", "30"]) as live:
+        kept = tmp_path / f".a.gguf.tmp-{live.pid}-0123abcd"
+        kept.write_bytes(b"being written")
+        previous = os.umask(0o027)
+        try:
+            with atomic_output_file(out) as tmp:
+                tmp.write_bytes(b"new")
+        finally:
+            os.umask(previous)
+            live.kill()
+    assert out.read_bytes() == b"new" and stat.S_IMODE(out.stat().st_mode) == 0o640
+    assert _leftovers(out) == [kept.name]
+    with pytest.raises(BridgeError, match="already exists"), atomic_output_file(out):
+        pass
+    with atomic_output_file(out, force=True) as tmp:
+        tmp.write_bytes(b"newer")
+    assert out.read_bytes() == b"newer" and _leftovers(out) == []  # the sleeper is gone now: swept
+
+
 # -- item 5: outputs follow the umask ---------------------------------------------------------
 @pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
 def test_outputs_follow_the_umask(capsys, tmp_path, all_linear_adapter, tiny_dir, mask) -> None:
