@@ -65,7 +65,9 @@ def adapters(tiny_dir: Path, text_adapter: Path, all_linear_adapter: Path, tmp_p
         "vllm_names": write_variant(text_adapter, root / "vllm_names", rename=lambda k: k.replace("model.language_model.", "language_model.model.")),
         "pickle": write_variant(text_adapter, root / "pickle", as_pickle=True),
         "kv_shared_extras": write_variant(text_adapter, root / "kv_shared_extras", extra=kv_extra),
-        "relative_k_proj": all_linear_adapter,
+        "relative_k_proj": all_linear_adapter,  # PEFT all-linear: also the audio attention's relative_k_proj
+        # Only relative_k_proj, large enough to move audio log-probs ~0.07 (0.2-scale factors: ~0.01).
+        "relative_k_only": write_peft_adapter(tiny_dir, root / "relative_k_only", target_modules=r".*relative_k_proj", scale=2.0, seed=7),
         "zero3_damaged": write_variant(text_adapter, root / "zero3_damaged",
                                        transform=lambda k, v: v[:0] if "layers.0." in k else v),  # fmt: skip
         # One NaN in the last tensor: only a read of the values finds it (headers are fine).
@@ -109,7 +111,8 @@ def _lora(name: str, path: Path) -> Any:
     from vllm.lora.request import LoRARequest
 
     ids = {"text": 1, "towers": 2, "k_eq_v_only": 3, "adapter_name_keys": 4, "vllm_names": 5, "pickle": 6,
-           "kv_shared_extras": 7, "relative_k_proj": 8, "zero3_damaged": 9, "rank_too_big": 10, "nan": 11}  # fmt: skip
+           "kv_shared_extras": 7, "relative_k_proj": 8, "zero3_damaged": 9, "rank_too_big": 10, "nan": 11,
+           "relative_k_only": 12}  # fmt: skip
     return LoRARequest(name, ids[name], str(path))
 
 
@@ -149,7 +152,9 @@ def test_adapter_changes_output(engine: Any, adapters: dict[str, Path]) -> None:
     assert float((base[1] - tuned[1]).abs().max()) > 0.05
 
 
-@pytest.mark.parametrize("name", ["text", "towers", "k_eq_v_only", "adapter_name_keys", "vllm_names", "pickle", "kv_shared_extras"])
+@pytest.mark.parametrize(
+    "name", ["text", "towers", "k_eq_v_only", "adapter_name_keys", "vllm_names", "pickle", "kv_shared_extras", "relative_k_proj"]
+)
 def test_adapter_flavour_matches_peft(engine: Any, adapters: dict[str, Path], reference: Any, name: str, caplog: Any) -> None:
     """Each flavour straight from disk: text/image/audio within 1e-3 of transformers + PEFT."""
     before = dir_digest(adapters[name])
@@ -198,7 +203,6 @@ def test_mixed_batch_of_adapters(engine: Any, adapters: dict[str, Path], referen
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("relative_k_proj", r"relative_k_proj: this linear acts on relative position embeddings.*gemma4-bridge merge"),
         ("zero3_damaged", r"zero elements.*ZeRO-3.*gemma4-bridge convert .* --zero3-checkpoint"),
         ("rank_too_big", r"rank 16, above the server's max_lora_rank 8.*--max-lora-rank 16"),
         ("nan", r"layers\.4\.mlp\.down_proj\.lora_B\.weight has 1 NaN/Inf value"),
@@ -220,6 +224,7 @@ def test_front_end_predicts_every_lora_layer(engine: Any, tiny_dir: Path) -> Non
     linear, towers included with --enable-tower-connector-lora), so the worker's check against the
     real LoRA layers never has to refuse anything. If vLLM starts or stops wrapping a module, this fails."""
     from gemma4_bridge.layout import Gemma4Layout
+    from gemma4_bridge.plugins.vllm import relative_position_lora
     from gemma4_bridge.plugins.vllm.adapter import vllm_module_name
 
     layout = Gemma4Layout.from_model_dir(tiny_dir)
@@ -227,7 +232,7 @@ def test_front_end_predicts_every_lora_layer(engine: Any, tiny_dir: Path) -> Non
     from vllm.lora.layers import BaseLayerWithLoRA
 
     wrapped = {n for n, mod in model.named_modules() if isinstance(mod, BaseLayerWithLoRA)}
-    predicted = {s.path for s in layout.linears.values() if s.token_wise}
+    predicted = {s.path for s in layout.linears.values() if s.token_wise or relative_position_lora.serves(s)}
     served = {s.path for s in layout.linears.values() if vllm_module_name(s.path, model.hf_to_vllm_mapper, model.packed_modules_mapping, wrapped) in wrapped}
     assert served == predicted, {"predicted, not wrapped": sorted(predicted - served), "wrapped, refused": sorted(served - predicted)}
     lora_layers = {vllm_module_name(p, model.hf_to_vllm_mapper, model.packed_modules_mapping, wrapped) for p in predicted}
@@ -252,3 +257,42 @@ def test_image_and_audio_in_one_step(engine: Any, adapters: dict[str, Path], ref
     assert split.narrowed_calls > before, "no step mixed image and audio items: the test did not exercise the fix"
     for out, (adapter, kind) in zip(outs, plan, strict=True):
         assert_parity(out, reference(adapter, kind, seed=1), f"one step {adapter}/{kind}")
+
+
+def test_relative_k_proj_lora_per_audio_item(engine: Any, adapters: dict[str, Path], reference: Any) -> None:
+    """PEFT all-linear wraps the audio attention's relative_k_proj, whose delta acts on the relative
+    position embeddings every item of an encoder call shares: each audio item must get its own
+    adapter's delta, none without an adapter (plugins/vllm/relative_position_lora.py). One step
+    encodes audio clips of two relative_k_proj adapters, of a tower adapter without one and of no
+    adapter (and an image: the per-call narrowing of the tower mapping). Fresh media (seed 2)."""
+    from vllm import SamplingParams
+
+    from gemma4_bridge.plugins.vllm.relative_position_lora import item_slots
+
+    attn = engine.apply_model(lambda m: m)[0].audio_tower.layers[0].self_attn
+    assert type(attn).__name__ == "PerItemRelativeKeysAttention"
+    calls: list[list[int] | None] = []
+
+    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        slots = item_slots(module.relative_k_proj, hidden.shape[0])
+        calls.append(None if slots is None else slots.tolist())
+
+    plan = [("relative_k_only", "audio"), ("relative_k_proj", "audio"), (None, "audio"), ("towers", "audio"),
+            ("relative_k_proj", "image"), ("relative_k_only", "text")]  # fmt: skip
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0, logprobs=0)
+    handle = attn.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        outs = engine.generate(
+            [vllm_request(kind, seed=2) for _, kind in plan], params,
+            lora_request=[None if a is None else _lora(a, adapters[a]) for a, _ in plan], use_tqdm=False,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    assert any(c is not None and len(c) == 4 and len(set(c)) == 4 and -1 in c for c in calls), (
+        f"no encoder call held the four audio items with their own slots: {calls}"
+    )
+    for out, (adapter, kind) in zip(outs, plan, strict=True):
+        assert_parity(out, reference(adapter, kind, seed=2), f"relative_k {adapter}/{kind}")
+    moved = float((vllm_prompt_logprobs(outs[0])[1] - reference(None, "audio", seed=2)[1]).abs().max())
+    assert moved > 0.03, f"the relative_k_proj delta moved audio log-probs by only {moved:.3g}: the check above proves little"

@@ -9,7 +9,8 @@ only adds what is specific to vLLM 0.32:
   (LoRA-adapted) k_proj output. The k_proj factors are therefore also given to the V slice.
 * tower / connector LoRA without ``--enable-tower-connector-lora`` would load and be ignored.
 * LoRA on a linear that does not act on tokens (audio ``relative_k_proj``) cannot be batched by
-  vLLM's per-token LoRA kernels.
+  vLLM's per-token LoRA kernels: :mod:`.relative_position_lora` applies it per audio item, and it is
+  refused only where that module does not fit the installed transformers / vLLM.
 * ZeRO-3-damaged tensors are refused (serving never reads DeepSpeed pickles); ``convert``
   recovers them once, offline.
 
@@ -107,12 +108,15 @@ def check_values(p: CanonicalPlan) -> None:
 
 
 def _check_non_token(p: CanonicalPlan) -> None:
-    non_token = [m.site for m in p.modules if not m.site.token_wise]
+    from . import relative_position_lora
+
+    non_token = [m.site for m in p.modules if not m.site.token_wise and not relative_position_lora.serves(m.site)]
     if non_token:
         names = ", ".join(sorted(s.path for s in non_token))
         raise BridgeError(
             f"{p.weights_label}: LoRA on {names}: this linear acts on relative position embeddings, not on tokens, "
-            "and vLLM's LoRA kernels apply deltas per token, so it cannot be served as trained.",
+            "and vLLM's LoRA kernels apply deltas per token, so it cannot be served as trained "
+            f"({'; '.join(relative_position_lora.verify_upstream()) or 'not an audio attention linear'}).",
             fix="merge the adapter into the base weights ('gemma4-bridge merge') and serve the merged model, or "
             "retrain with exclude_modules=['relative_k_proj']",
         )

@@ -20,6 +20,7 @@ from vllm.model_executor.models.utils import WeightsMapper
 
 from gemma4_bridge.layout import ENCODER_ITEM_KEYS
 
+from . import relative_position_lora
 from .adapter import ServingContext
 
 
@@ -65,10 +66,11 @@ def make_tower_inputs_contiguous(tower: torch.nn.Module | None) -> int:
 def unwrap_non_token_linears(tower: torch.nn.Module | None) -> int:
     """Give the audio ``relative_k_proj`` back a plain ``nn.Linear`` so vLLM builds no LoRA layer on it.
 
-    It projects relative *position* embeddings (13 rows), not the tower's tokens, but with
+    Only where :mod:`.relative_position_lora` cannot serve it (an audio attention it was not checked
+    against). It projects relative *position* embeddings (13 rows), not the tower's tokens, but with
     ``--enable-tower-connector-lora`` vLLM wraps it like a token linear and its per-token LoRA
     kernel then fails on every audio prompt whenever any adapter is active ("einsum(): subscript
-    b has size 25 ... 13"). A LoRA that targets it is refused by name at load (adapter.py).
+    b has size 25 ... 13"). A LoRA that targets it is then refused by name at load (adapter.py).
     """
     if tower is None:
         return 0
@@ -166,14 +168,15 @@ class EncoderLoRASplit:
 
 
 class BridgeGemma4ForConditionalGeneration(Gemma4ForConditionalGeneration):
-    """vLLM's multimodal Gemma 4 with CPU-safe tower inputs, per-call encoder LoRA mappings and a
-    tagged LoRA mapper."""
+    """vLLM's multimodal Gemma 4 with CPU-safe tower inputs, per-call encoder LoRA mappings, audio
+    ``relative_k_proj`` LoRA per item (:mod:`.relative_position_lora`) and a tagged LoRA mapper."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         make_tower_inputs_contiguous(self.audio_tower)
         make_tower_inputs_contiguous(self.vision_tower)
-        unwrap_non_token_linears(self.audio_tower)
+        if not relative_position_lora.install(self.audio_tower):
+            unwrap_non_token_linears(self.audio_tower)
         self.encoder_lora_split = EncoderLoRASplit()
         self.hf_to_vllm_mapper = BridgeWeightsMapper.wrap(
             type(self).hf_to_vllm_mapper, serving_context(vllm_config, towers_served=True), self
