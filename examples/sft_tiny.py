@@ -5,9 +5,9 @@ Runs as-is on a CPU with a tiny random Gemma 4 built locally (no download, ~30 s
     OMP_NUM_THREADS=1 python examples/sft_tiny.py --out runs/tiny
 
 The adapter in ``runs/tiny/adapter`` is canonical: the converters have nothing to convert, and vLLM
-with the gemma4-bridge plugin serves it as is, towers included. (Only the audio tower's
-``relative_k_proj``, which acts on positions rather than tokens, cannot be served with LoRA; the
-default targets below do not include it, ``all-linear`` does: add ``--exclude '.*relative_k_proj'``.)
+with the gemma4-bridge plugin serves it as is, towers included (with ``all-linear`` also the audio
+attention's ``relative_k_proj``, which the plugin applies per audio item; stock vLLM cannot: add
+``--exclude '.*relative_k_proj'`` for a server without the plugin).
 
     vllm serve <model> --enable-lora --enable-tower-connector-lora --lora-modules tiny=runs/tiny/adapter
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                         help="comma-separated PEFT target names; tower q/k/v/o_proj are included (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--exclude", help="regex of modules to leave out, e.g. '.*relative_k_proj' with all-linear for vLLM serving")
+    parser.add_argument("--exclude", help="regex of modules to leave out, e.g. '.*relative_k_proj' with all-linear for vLLM without the plugin")
     parser.add_argument("--bf16", action="store_true", help="load and train in bfloat16 (GPU)")
     parser.add_argument("--deepspeed", help="DeepSpeed config JSON (e.g. examples/zero3.json) when launched with deepspeed")
     args = parser.parse_args(argv)

@@ -148,6 +148,11 @@ def _non_language(plan: CanonicalPlan) -> list[str]:
     return sorted({m.site.component for m in plan.modules} & set(NON_LANGUAGE))
 
 
+def _positional(plan: CanonicalPlan) -> list[str]:
+    """LoRA sites that act on position embeddings, not tokens (the audio attention's relative_k_proj)."""
+    return sorted(m.site.path for m in plan.modules if not m.site.token_wise)
+
+
 class StockVLLM(ServerProfile):
     """vLLM without the plugin: what it does with each flavour (measured, see the field notes)."""
 
@@ -182,6 +187,12 @@ class StockVLLM(ServerProfile):
         towers = _non_language(plan)
         if towers:
             out.append(Finding("note", "tower-flag", f"{', '.join(towers)} LoRA is silently ignored unless the server runs with {TOWER_FLAG}"))
+        if _positional(plan):
+            out.append(Finding(
+                "note", "relative-k",
+                f"LoRA on {len(_positional(plan))} audio relative_k_proj linear(s), which act on position embeddings: with "
+                f"{TOWER_FLAG} vLLM's per-token LoRA kernels fail on every audio prompt",
+            ))  # fmt: skip
         max_rank = max((m.rank for m in plan.modules), default=0)
         if max_rank:
             out.append(Finding("note", "max-lora-rank", f"start the server with --max-lora-rank >= {max_rank}"))
@@ -215,6 +226,12 @@ class VLLMPlugin(ServerProfile):
                 out.append(Finding("note", "tower-flag", f"{', '.join(_non_language(plan))} LoRA needs the server started with {TOWER_FLAG}"))
         else:
             out += self._flag_refusals(plan, towers, server)
+        if _positional(plan):
+            out.append(Finding(
+                "note", "relative-k",
+                "audio relative_k_proj LoRA is applied per audio item with that item's adapter (refused at load where the "
+                "installed transformers' audio attention is not one the plugin was checked against)",
+            ))  # fmt: skip
         return out
 
     @staticmethod

@@ -34,7 +34,9 @@ def test_healthy_all_linear(capsys, all_linear_adapter) -> None:
     assert vllm["status"] == "loads, silently wrong"
     assert any("attention_k_eq_v layer(s) [1]" in n for n in vllm["notes"])
     assert any("--enable-tower-connector-lora" in n for n in vllm["notes"])
-    assert verdict(report, "vLLM + gemma4-bridge")["status"] == "loads"
+    assert any("relative_k_proj" in n and "fail on every audio prompt" in n for n in vllm["notes"])
+    plugin = verdict(report, "vLLM + gemma4-bridge")
+    assert plugin["status"] == "loads" and any("relative_k_proj LoRA is applied per audio item" in n for n in plugin["notes"])
     sglang = verdict(report, "SGLang")
     assert sglang["status"] == "fails" and any("25913" in n for n in sglang["notes"])
 

@@ -86,9 +86,12 @@ def verify_upstream() -> list[str]:
         found = tuple(inspect.signature(attr).parameters)
         if found[: len(params)] != params:
             problems.append(f"{module_name}.{qualname} takes {list(found)}, expected {list(params)} first")
-    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    try:
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
-    source = inspect.getsource(BaseLinearLayerWithLoRA.create_lora_weights)
+        source = inspect.getsource(BaseLinearLayerWithLoRA.create_lora_weights)
+    except (ImportError, AttributeError) as exc:
+        return [*problems, f"vllm BaseLinearLayerWithLoRA.create_lora_weights is gone ({exc})"]
     if not all(line in source for line in STACKED_LAYOUT):
         problems.append("vllm BaseLinearLayerWithLoRA.create_lora_weights no longer stacks factors as [slots, 1, ...]")
     return problems
