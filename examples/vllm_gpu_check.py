@@ -10,7 +10,8 @@ flavours are served as saved (normalised in memory).
 
 Needs ``pip install "gemma4-bridge[vllm]" peft`` and as many GPUs as --tp. With no --model it builds
 the tiny Gemma 4 of the test suite (KV-shared layers, k_eq_v, sliding/full head sizes, finite tower
-clamps) and PEFT adapters for it (text regex targets; both towers with hand-saved ``.default.`` keys):
+clamps) and PEFT adapters for it (text regex targets; ``all-linear`` with hand-saved ``.default.`` keys:
+both towers, including the audio attention's ``relative_k_proj``):
 
     python examples/vllm_gpu_check.py                                  # tiny model, tp=2, float32
     python examples/vllm_gpu_check.py --model /models/gemma-4-E4B-it --adapter mine=/ckpt/lora \\
@@ -39,7 +40,7 @@ def build_tiny(work: Path) -> tuple[Path, dict[str, Path]]:
     from gemma4_bridge.testing.fixtures import build_tiny_gemma4, write_peft_adapter
 
     model = build_tiny_gemma4(work / "model")
-    towers = write_peft_adapter(model, work / "towers", exclude_modules=["relative_k_proj"], seed=3)
+    towers = write_peft_adapter(model, work / "towers", seed=3)  # all-linear: audio relative_k_proj too
     hand_saved = work / "towers_hand_saved"
     hand_saved.mkdir()
     tensors = load_file(towers / "adapter_model.safetensors")
