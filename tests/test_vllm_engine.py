@@ -267,21 +267,17 @@ def test_relative_k_proj_lora_per_audio_item(engine: Any, adapters: dict[str, Pa
     adapter (and an image: the per-call narrowing of the tower mapping). Fresh media (seed 2)."""
     from vllm import SamplingParams
 
-    from gemma4_bridge.plugins.vllm.relative_position_lora import item_slots
-
     attn = engine.apply_model(lambda m: m)[0].audio_tower.layers[0].self_attn
-    assert type(attn).__name__ == "PerItemRelativeKeysAttention"
-    calls: list[list[int] | None] = []
+    assert (type(attn).__name__, type(attn.relative_k_proj).__name__) == ("PerItemRelativeKeysAttention", "RelativePositionLinearWithLoRA")
+    calls: list[list[int] | None] = []  # per encoder call: the relative-key block each item uses (0: base keys)
 
-    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        slots = item_slots(module.relative_k_proj, hidden.shape[0])
-        calls.append(None if slots is None else slots.tolist())
+    def record(module: Any, args: tuple[Any, ...], output: Any) -> None:
+        calls.append(None if module.item_blocks is None else module.item_blocks.tolist())
 
     plan = [("relative_k_only", "audio"), ("relative_k_proj", "audio"), (None, "audio"), ("towers", "audio"),
             ("relative_k_proj", "image"), ("relative_k_only", "text")]  # fmt: skip
     params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=0, logprobs=0)
-    handle = attn.register_forward_pre_hook(record, with_kwargs=True)
+    handle = attn.relative_k_proj.register_forward_hook(record)
     try:
         outs = engine.generate(
             [vllm_request(kind, seed=2) for _, kind in plan], params,
@@ -289,8 +285,8 @@ def test_relative_k_proj_lora_per_audio_item(engine: Any, adapters: dict[str, Pa
         )  # fmt: skip
     finally:
         handle.remove()
-    assert any(c is not None and len(c) == 4 and len(set(c)) == 4 and -1 in c for c in calls), (
-        f"no encoder call held the four audio items with their own slots: {calls}"
+    assert any(c is not None and len(c) == 4 and len(set(c)) == 4 and 0 in c for c in calls), (
+        f"no encoder call held the four audio items with their own relative keys: {calls}"
     )
     for out, (adapter, kind) in zip(outs, plan, strict=True):
         assert_parity(out, reference(adapter, kind, seed=2), f"relative_k {adapter}/{kind}")

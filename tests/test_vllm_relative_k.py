@@ -1,5 +1,5 @@
 """Audio ``relative_k_proj`` LoRA (plugins/vllm/relative_position_lora.py) without an engine: the
-upstream contract it relies on, the fidelity of its copy of transformers' audio attention, and the
+upstream contract it relies on, the attention left as transformers' own without a delta, and the
 refusal where the contract does not hold. tests/test_vllm_engine.py serves it at parity per item."""
 
 from __future__ import annotations
@@ -39,15 +39,17 @@ def test_upstream_contract_holds() -> None:
 
 
 def test_contract_check_detects_a_changed_attention(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch, fresh_support: None) -> None:
+    """An attention that reads the relative keys anywhere else (here: a second use) is not served."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioAttention
 
     from gemma4_bridge.testing.fixtures import load_tiny_model
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
-        return hidden_states, None
+        relative_key_states = self.relative_k_proj(position_embeddings)
+        return hidden_states + relative_key_states.mean(), None
 
     monkeypatch.setattr(Gemma4AudioAttention, "forward", forward)
-    assert any("Gemma4AudioAttention.forward is not a version" in p for p in rpl.verify_upstream())
+    assert any("handles the relative keys differently" in p for p in rpl.verify_upstream())
     tower = load_tiny_model(tiny_dir).model.audio_tower
     assert rpl.install(tower) == 0
     assert all(type(layer.self_attn) is Gemma4AudioAttention for layer in tower.layers)
@@ -57,31 +59,33 @@ def test_contract_check_detects_a_changed_vllm(monkeypatch: pytest.MonkeyPatch, 
     contract = (*rpl.VLLM_CONTRACT, ("vllm.lora.layers.base_linear", "BaseLinearLayerWithLoRA.set_lora", ("self", "slot")))
     monkeypatch.setattr(rpl, "VLLM_CONTRACT", contract)
     assert any("set_lora takes" in p for p in rpl.verify_upstream())
-    monkeypatch.setattr(rpl, "STACKED_LAYOUT", ("self.lora_stacked = ",))
-    assert any("no longer stacks" in p for p in rpl.verify_upstream())
+    monkeypatch.setattr(rpl, "VLLM_SOURCE_FACTS", (("vllm.lora.utils", "from_layer", "for lora_cls in LORA_REGISTRY:"),))
+    assert any("from_layer no longer has" in p for p in rpl.verify_upstream())
 
 
-def test_copied_forward_equals_upstream(tiny_dir: Path) -> None:
-    """The per-item attention without LoRA is transformers' own attention, to float32 rounding, on the
-    fixture's real audio layer (finite clip bounds) with a padding mask."""
+def test_per_item_attention_without_lora_is_upstream(tiny_dir: Path) -> None:
+    """Without a LoRA layer (or with no adapter delta) the per-item attention is transformers' own,
+    bitwise, on the fixture's real audio layers with a padding mask; install marks each
+    relative_k_proj for the plugin's LoRA layer and registers that class with vLLM first."""
+    import vllm.lora.utils as lora_utils
+
     from gemma4_bridge.testing.fixtures import load_tiny_model
 
     tower = load_tiny_model(tiny_dir).model.audio_tower
-    upstream = tower.layers[0].self_attn
-    ours = copy.deepcopy(upstream)
-    ours.__class__ = rpl.PerItemRelativeKeysAttention
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 23, tower.config.hidden_size, generator=gen)
-    positions = tower.rel_pos_enc(hidden)
-    valid = torch.ones(3, 23, dtype=torch.bool)
-    valid[1, 17:] = False
-    mask = tower._convert_4d_mask_to_blocked_5d(valid[:, None, None, :] & valid[:, None, :, None])
-    with torch.no_grad():
-        want, _ = upstream(hidden, positions, mask)
-        got, _ = ours(hidden, positions, mask)
-    assert torch.allclose(got, want, rtol=0, atol=1e-6), float((got - want).abs().max())
+    upstream = copy.deepcopy(tower)
     assert rpl.install(tower) == len(tower.layers)
     assert all(type(layer.self_attn) is rpl.PerItemRelativeKeysAttention for layer in tower.layers)
+    assert rpl.RelativePositionLinearWithLoRA.can_replace_layer(tower.layers[0].self_attn.relative_k_proj, None, [])
+    assert not rpl.RelativePositionLinearWithLoRA.can_replace_layer(tower.layers[0].self_attn.q_proj.linear, None, [])
+    assert lora_utils._all_lora_classes[0] is rpl.RelativePositionLinearWithLoRA
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 96, tower.config.subsampling_conv_channels[0], generator=gen)
+    mask = torch.ones(2, 96, dtype=torch.bool)
+    mask[1, 70:] = False
+    with torch.no_grad():
+        want = upstream(features, mask).last_hidden_state
+        got = tower(features, mask).last_hidden_state
+    assert torch.equal(got, want)
 
 
 def test_all_linear_adapter_is_served(ctx: ServingContext, all_linear_adapter: Path) -> None:
@@ -92,6 +96,6 @@ def test_all_linear_adapter_is_served(ctx: ServingContext, all_linear_adapter: P
 def test_refused_by_name_where_unsupported(
     ctx: ServingContext, all_linear_adapter: Path, monkeypatch: pytest.MonkeyPatch, fresh_support: None
 ) -> None:
-    monkeypatch.setattr(rpl, "UPSTREAM_FORWARD_SHA256", {})
+    monkeypatch.setattr(rpl, "FORWARD_FACTS", rpl.FORWARD_FACTS[1:])
     with pytest.raises(BridgeError, match=r"model\.audio_tower\.layers\.0\.self_attn\.relative_k_proj.*transformers 5\.\d+.*gemma4-bridge merge"):
         check_adapter(all_linear_adapter, ctx)
