@@ -292,3 +292,29 @@ def test_relative_k_proj_lora_per_audio_item(engine: Any, adapters: dict[str, Pa
         assert_parity(out, reference(adapter, kind, seed=2), f"relative_k {adapter}/{kind}")
     moved = float((vllm_prompt_logprobs(outs[0])[1] - reference(None, "audio", seed=2)[1]).abs().max())
     assert moved > 0.03, f"the relative_k_proj delta moved audio log-probs by only {moved:.3g}: the check above proves little"
+
+
+def test_audio_clips_of_different_lengths_in_one_call(engine: Any, adapters: dict[str, Path], tiny_dir: Path) -> None:
+    """vLLM counts each clip's tower/connector LoRA tokens unpadded but runs the call's clips padded to
+    the longest: clips of different lengths in one step crashed the engine with tower LoRA on ("size of
+    tensor a (81) must match ... (126)"), adapters or not. Each clip with its own adapter (relative_k_proj
+    included) or none, at PEFT's numbers."""
+    import numpy as np
+    from transformers import AutoProcessor
+    from vllm import SamplingParams
+
+    split = engine.apply_model(lambda m: m)[0].encoder_lora_split
+    before = split.narrowed_calls
+    rng = np.random.default_rng(5)
+    plan = [("relative_k_only", 16000), ("relative_k_proj", 27000), (None, 9000), ("towers", 21000)]
+    clips = [(rng.standard_normal(n) * 0.1).astype(np.float32) for _, n in plan]
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    outs = engine.generate(
+        [{"prompt": PROMPTS["audio"], "multi_modal_data": {"audio": (clip, 16000)}} for clip in clips], params,
+        lora_request=[None if a is None else _lora(a, adapters[a]) for a, _ in plan], use_tqdm=False,
+    )  # fmt: skip
+    assert split.narrowed_calls > before, "the clips were not encoded in one call: the test did not exercise the fix"
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    for out, (adapter, _), clip in zip(outs, plan, clips, strict=True):
+        inputs = dict(processor(text=PROMPTS["audio"], audio=clip, return_tensors="pt"))
+        assert_parity(out, hf_prompt_logprobs(hf_model(tiny_dir, None if adapter is None else adapters[adapter]), inputs), f"{adapter}/{len(clip)} samples")

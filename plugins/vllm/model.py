@@ -101,7 +101,13 @@ class EncoderLoRASplit:
     separately. With an image and an audio clip in one step the audio tower's LoRA kernels got the
     indices of both: "einsum(): subscript b has size 305 ... 25" killed the engine (and, had the
     sizes matched, the wrong adapter would have been applied). Before each encoder call this
-    narrows both mappings to that call's items. Steps with one modality are left as vLLM made them.
+    narrows both mappings to that call's items.
+
+    vLLM also counts each audio clip's tokens unpadded, while the audio tower and its connector run
+    the call's clips padded to the longest: clips of different lengths in one step gave the LoRA
+    kernels fewer indices than rows ("The size of tensor a (81) must match the size of tensor b
+    (126)"), with or without an adapter. Such a call's mappings give every clip the padded count.
+    Other calls are left as vLLM made them.
     """
 
     # Key of a Gemma 4 encoder call's inputs that holds one entry per item, by modality (layout table).
@@ -129,8 +135,7 @@ class EncoderLoRASplit:
             n = len(mapping.prompt_mapping)
             items, self.pending = self.pending[-n:] if n else [], []
             fits = len(items) == n and sum(i.tower_tokens for i in items) == len(mapping.index_mapping)
-            mixed = len({i.modality for i in items}) > 1
-            self.items = items if fits and mixed else []
+            self.items = items if fits else []
             self.mappings, self.manager, self.cursor = ({mapping.type: mapping}, manager, 0) if self.items else ({}, None, 0)
         elif mapping.type == LoRAMappingType.CONNECTOR and self.items:
             if all(i.connector_tokens is not None for i in self.items) and sum(i.connector_tokens or 0 for i in self.items) == len(mapping.index_mapping):
@@ -149,21 +154,30 @@ class EncoderLoRASplit:
         group = self.items[self.cursor : self.cursor + n]
         if len(group) != n or any(i.modality != self.ITEM_KEYS[key] for i in group):
             return  # not the call order this was built for: leave vLLM's mapping
-        before = self.items[: self.cursor]
+        start, self.cursor = self.cursor, self.cursor + n
+        mixed = len({i.modality for i in self.items}) > 1
+        padded = self.ITEM_KEYS[key] == "audio" and len({i.tower_tokens for i in group}) > 1
+        if not (mixed or padded):
+            return
+        counts = {
+            LoRAMappingType.TOWER: [i.tower_tokens for i in group],
+            LoRAMappingType.CONNECTOR: [i.connector_tokens or 0 for i in group],
+        }
+        if padded:  # the clips run padded to the longest: ceil(frames / 4) grows with frames
+            longest = max(i.tower_tokens for i in group)
+            counts = {kind: [longest] * n for kind in counts}
         self.narrowing = True
         try:
-            for kind, count in ((LoRAMappingType.TOWER, "tower_tokens"), (LoRAMappingType.CONNECTOR, "connector_tokens")):
+            for kind, per_item in counts.items():
                 full = self.mappings.get(kind)
                 if full is None:
                     continue
-                start = sum(getattr(i, count) for i in before)
-                stop = start + sum(getattr(i, count) for i in group)
-                prompts = full.prompt_mapping[self.cursor : self.cursor + n]
-                self.manager._set_adapter_mapping(LoRAMapping(full.index_mapping[start:stop], prompts, is_prefill=True, type=kind))
+                prompts = tuple(full.prompt_mapping[start : start + n])
+                tokens = tuple(lora_id for lora_id, count in zip(prompts, per_item, strict=True) for _ in range(count))
+                self.manager._set_adapter_mapping(LoRAMapping(tokens, prompts, is_prefill=True, type=kind))
         finally:
             self.narrowing = False
         self.manager._last_mapping = None  # what the wrappers hold is no longer any mapping vLLM set
-        self.cursor += n
         self.narrowed_calls += 1
 
 
