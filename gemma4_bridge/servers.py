@@ -230,7 +230,7 @@ class VLLMPlugin(ServerProfile):
             out.append(Finding(
                 "note", "relative-k",
                 "audio relative_k_proj LoRA is applied per audio item with that item's adapter (refused at load where the "
-                "installed transformers' audio attention is not one the plugin was checked against)",
+                "installed transformers' audio attention or vLLM's LoRA layers no longer match what the plugin checks)",
             ))  # fmt: skip
         return out
 
