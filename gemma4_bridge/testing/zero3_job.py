@@ -69,7 +69,7 @@ def run_zero3_job(
     """Train a PEFT all-linear LoRA with ZeRO-3 on ``world_size`` CPU ranks and save both artefacts.
 
     ``exclude_modules`` is passed to PEFT's LoraConfig (e.g. ``["relative_k_proj"]`` for an adapter
-    that vLLM can serve: that audio linear acts on positions, and the plugin refuses LoRA there).
+    that stock vLLM can serve: that audio linear acts on positions; the plugin applies it per audio item).
 
     ``dtype`` is the model/adapter dtype ("float32" or "bfloat16"); DeepSpeed keeps fp32 master
     weights in the checkpoint either way. Raises ``RuntimeError`` with the workers' output tail
