@@ -23,6 +23,7 @@ from gemma4_bridge.output import atomic_output_dir, check_output
 
 from .canonical import plan
 from .plans import CanonicalPlan, ModuleDelta
+from .experts import ExpertDelta, expert_delta
 from .convert import progress_bar, refuse_overwriting_input
 from .safetensors_stream import SafetensorsReader, TensorSpec, write_streaming
 
@@ -56,7 +57,8 @@ def merge_adapter(
     p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)
     p.raise_if_broken()
     check_output(out_path, force=force)
-    deltas = {f"{m.site.model_path}.weight": m for m in p.modules}
+    deltas: dict[str, ModuleDelta | ExpertDelta] = {f"{m.site.checkpoint_path}.weight": m for m in p.modules}
+    deltas.update({e.site.model_path: e for e in p.experts})  # 3-D expert parameters have no ".weight"
     shards = sorted(base_dir.glob("*.safetensors"))
     headers = {shard: read_safetensors_header(shard) for shard in shards}
     found = {name for h in headers.values() for name in h if name != "__metadata__"}
@@ -76,7 +78,9 @@ def merge_adapter(
     return MergeResult(out_path, p, merged, len(shards))
 
 
-def _merge_shard(shard: Path, header: dict[str, Any], out: Path, deltas: dict[str, ModuleDelta], p: CanonicalPlan, bar: Any) -> int:
+def _merge_shard(
+    shard: Path, header: dict[str, Any], out: Path, deltas: dict[str, ModuleDelta | ExpertDelta], p: CanonicalPlan, bar: Any
+) -> int:
     reader = SafetensorsReader(shard, header)
     count = 0
 
@@ -88,6 +92,8 @@ def _merge_shard(shard: Path, header: dict[str, Any], out: Path, deltas: dict[st
             return tensor
         a, b = p.load(delta.a).float(), p.load(delta.b).float()
         count += 1
+        if isinstance(delta, ExpertDelta):  # [E, out, in]: every expert's delta at once, as PEFT merges it
+            return (tensor.float() + expert_delta(a, b, delta.site.num_experts, delta.scaling)).to(tensor.dtype)
         return (tensor.float() + delta.scaling * (b @ a)).to(tensor.dtype)
 
     metadata = dict(header.get("__metadata__") or {"format": "pt"})

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .experts import ExpertDelta
     from .plans import ModuleDelta
 
 # Config fields that only select modules; the canonical config lists modules explicitly instead.
@@ -44,15 +45,20 @@ def int_if_whole(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
 
 
-def canonical_config(source: Mapping[str, Any], modules: list[ModuleDelta]) -> dict[str, Any]:
-    """The canonical adapter_config.json: explicit module list, per-module rank/alpha where they differ."""
+def canonical_config(source: Mapping[str, Any], modules: list[ModuleDelta], experts: list[ExpertDelta] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    """The canonical adapter_config.json: explicit module (and expert parameter) lists, per-module
+    rank/alpha where they differ."""
     config = {k: v for k, v in source.items() if k not in SELECTION_FIELDS}
     r, alpha = int(source.get("r", 8)), float(source.get("lora_alpha", 8))
     config["target_modules"] = sorted(m.site.model_path for m in modules)
-    config["rank_pattern"] = {m.site.model_path: m.rank for m in sorted(modules, key=lambda m: m.site.path) if m.rank != r}
-    config["alpha_pattern"] = {
-        m.site.model_path: int_if_whole(m.alpha) for m in sorted(modules, key=lambda m: m.site.path) if m.alpha != alpha
-    }
+    # Expert parameters by full path: PEFT matches target_parameters and rank/alpha patterns
+    # against "<module>.<parameter>".
+    sites = sorted([*modules, *experts], key=lambda m: m.site.path)
+    config["rank_pattern"] = {m.site.model_path: m.rank for m in sites if m.rank != r}
+    config["alpha_pattern"] = {m.site.model_path: int_if_whole(m.alpha) for m in sites if m.alpha != alpha}
+    if experts:
+        config["target_parameters"] = sorted(e.site.model_path for e in experts)
+        config["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout (it cannot be factored out)
     config["modules_to_save"] = None
     config["peft_type"] = "LORA"
     config.setdefault("bias", "none")

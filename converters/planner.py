@@ -14,6 +14,7 @@ from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Absence, Gemma4Layout, LinearSite
 from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, lora_key, parse_key, resolve_key
 
+from .experts import ExpertPlanner
 from .peft_config import canonical_config, effective_rank_alpha, lora_scaling
 from .plans import CanonicalPlan, ModuleDelta, PlannedTensor, Problem, Severity
 from .sources import TensorSource
@@ -44,6 +45,13 @@ class Planner:
         self.flavours: list[str] = []
         self.dropped: list[tuple[str, str]] = []
         self.zero3_shapes: dict[str, tuple[int, ...]] = {}  # canonical key -> true shape in the checkpoint
+        self.expert_planner = ExpertPlanner(
+            config, layout, weights_label, self.problem, self.flavour,
+            lambda module: effective_rank_alpha(config, module),
+            lambda r, alpha: lora_scaling(config, r, alpha),
+            lambda module: canonical_module_path(module)[0],
+        )  # fmt: skip
+        self.renamed_example = ""
 
     def problem(self, code: str, severity: Severity, message: str, fix: str = "", tensors: tuple[str, ...] = ()) -> None:
         self.problems.append(Problem(code, severity, message, fix, tensors))
@@ -58,9 +66,14 @@ class Planner:
         resolved = self._resolve_keys()
         zero3, zero3_names = self._zero3(resolved)
         tensors, modules = self._pair(resolved, zero3, zero3_names)
-        renamed = sum(1 for t in tensors if t.key != t.source_key)
+        self.expert_planner.zero3_names, self.expert_planner.zero3_shapes = zero3_names, self.zero3_shapes
+        expert_tensors, experts = self.expert_planner.finish()
+        tensors += expert_tensors
+        renamed_tensors = [t for t in tensors if t.key != t.source_key]
+        renamed = len(renamed_tensors)
+        self.renamed_example = renamed_tensors[0].source_key.split(",")[0] if renamed_tensors else ""
         self._classify(resolved, renamed)
-        canonical_config_ = canonical_config(self.config, modules)
+        canonical_config_ = canonical_config(self.config, modules, experts)
         plan_ = CanonicalPlan(
             source=self.source_label,
             weights_label=self.label,
@@ -75,6 +88,7 @@ class Planner:
             zero3=zero3,
             _source=self.src,
             layout=self.layout,
+            experts=experts,
         )
         plan_.zero3_names = zero3_names
         return plan_
@@ -141,6 +155,8 @@ class Planner:
                 self.flavour("adapter-name-in-keys")
             if not parsed.had_peft_prefix:
                 self.flavour("no-peft-prefix")
+            if self.expert_planner.take(parsed, shape, dtype):
+                continue
             res = self._resolve(key)
             assert res is not None
             # A naming row that only restates the base's own naming (causal-LM keys on a text-only
@@ -197,7 +213,8 @@ class Planner:
             )  # fmt: skip
 
     def _zero3(self, resolved: list[tuple[Resolution, tuple[int, ...], str]]) -> tuple[Zero3Checkpoint | None, dict[str, str]]:
-        damaged = [r.parsed.key for r, shape, _ in resolved if 0 in shape]
+        expert_damaged = self.expert_planner.damaged_keys()
+        damaged = [r.parsed.key for r, shape, _ in resolved if 0 in shape] + expert_damaged
         if not damaged:
             if self.zero3_arg is not None:
                 self.problem("zero3-unused", "note", f"{self.label}: no zero-element tensors, so --zero3-checkpoint was not needed.")
@@ -226,11 +243,14 @@ class Planner:
         names: dict[str, str] = {}
         by_canonical: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, shape in zero3.param_shapes.items():
-            res = self._resolve(name)
-            ckey = res.canonical_key if res is not None else None
+            ckey = self.expert_planner.canonical_key(name)
+            if ckey is None:
+                res = self._resolve(name)
+                ckey = res.canonical_key if res is not None else None
             if ckey:
                 by_canonical[ckey] = (name, shape)
         missing = [r.parsed.key for r, shape, _ in resolved if 0 in shape and r.canonical_key not in by_canonical]
+        missing += [k for k in expert_damaged if self.expert_planner.canonical_key(k) not in by_canonical]
         if missing:
             self.problem(
                 "zero3-mismatch", "broken",
@@ -240,6 +260,10 @@ class Planner:
         for res, _, _ in resolved:
             if res.canonical_key in by_canonical:
                 names[res.canonical_key] = by_canonical[res.canonical_key][0]
+        for key in expert_damaged:
+            ckey = self.expert_planner.canonical_key(key)
+            if ckey in by_canonical:
+                names[ckey] = by_canonical[ckey][0]
         self.zero3_shapes = {k: v[1] for k, v in by_canonical.items()}
         self.problem(
             "zero-element", "fixable",
@@ -342,7 +366,7 @@ class Planner:
             self.problem(
                 "non-canonical-names", "fixable",
                 f"{self.label}: {renamed} tensor name(s) are not in the canonical layout "
-                f"(e.g. {next(r.parsed.key for r, _, _ in resolved if r.canonical_key != r.parsed.key)}).",
+                f"(e.g. {self.renamed_example}).",
                 "convert renames them",
             )  # fmt: skip
         if self.dropped:

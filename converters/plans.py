@@ -7,7 +7,7 @@ inspect and the server profiles read: problems found, canonical tensors and the 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,6 +19,7 @@ from .safetensors_stream import DTYPES
 from .sources import TensorSource
 
 if TYPE_CHECKING:
+    from .experts import ExpertDelta
     from .zero3 import Zero3Checkpoint
 
 Severity = Literal["fixable", "broken", "note"]
@@ -47,6 +48,9 @@ class PlannedTensor:
     shape: tuple[int, ...]
     dtype: str  # torch dtype name of the output (the source tensor's dtype)
     from_zero3: bool = False  # values recovered from the DeepSpeed checkpoint
+    # Built from several source tensors (per-expert LoRA stacked into PEFT's 3-D expert form):
+    # called with the source getter; ``source_key`` then lists the sources, comma-separated.
+    recipe: Callable[[Callable[[str], Any]], Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class CanonicalPlan:
     zero3: Zero3Checkpoint | None
     _source: TensorSource = field(repr=False)
     layout: Gemma4Layout | None = field(default=None, repr=False)  # the base it was planned against
+    # LoRA on MoE layers' 3-D expert parameters (PEFT target_parameters form); not in ``modules``,
+    # which are linears: every consumer decides explicitly what to do with these.
+    experts: list[ExpertDelta] = field(default_factory=list)
 
     @property
     def broken(self) -> list[Problem]:
@@ -109,6 +116,8 @@ class CanonicalPlan:
         if entry.from_zero3:
             assert self.zero3 is not None
             tensor = self.zero3.recover(self.zero3_names[entry.key], scratch)
+        elif entry.recipe is not None:
+            tensor = entry.recipe(self._source.get)
         else:
             tensor = self._source.get(entry.source_key, scratch)
         tensor = tensor.to(getattr(torch, entry.dtype))
@@ -123,7 +132,7 @@ class CanonicalPlan:
         valid until the next call. Writing them out is then the only copy, as in a file copy.
         """
         reader = self._source.reader
-        if entry.from_zero3 or reader is None or reader.header[entry.source_key]["dtype"] != DTYPES[entry.dtype][0]:
+        if entry.from_zero3 or entry.recipe is not None or reader is None or reader.header[entry.source_key]["dtype"] != DTYPES[entry.dtype][0]:
             return None
         try:
             mapped = reader.mapped(entry.source_key)

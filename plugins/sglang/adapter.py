@@ -30,7 +30,7 @@ from gemma4_bridge.converters.plans import CanonicalPlan, ModuleDelta
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout, text_layer_path
 from gemma4_bridge.names import lora_key
-from gemma4_bridge.servers import SGLANG_CLASS, SGLANG_TARGETS
+from gemma4_bridge.servers import SGLANG_CLASS, SGLANG_TARGETS, expert_refusal
 
 from .dims import PARENT, STACKED, slice_out_features, text_site
 
@@ -77,6 +77,9 @@ def adapt_plan(p: CanonicalPlan) -> SGLangAdapter:
 
     layout = p.layout
     assert layout is not None, "the SGLang class always plans against the served base"
+    refusal = expert_refusal(p, "SGLang")
+    if refusal is not None:  # never hand SGLang a plan whose expert LoRA it would drop
+        raise refusal.as_error()
     rank = max(m.rank for m in p.modules)
     dtype = getattr(torch, p.modules[0].a.dtype)
     ref_scaling = _adapter_scaling(p.source_config)

