@@ -125,7 +125,7 @@ def expert_refusal(plan: CanonicalPlan, server: str = "vLLM 0.32") -> Finding | 
         f"{plan.weights_label}: {len(plan.experts)} LoRA tensor pair(s) target MoE expert parameters (e.g. {first.site.path}, "
         f"from {first.a.source_key.split(',')[0]}); {server} cannot apply LoRA to Gemma 4 experts "
         f"({'its fused-MoE LoRA needs Triton and its Gemma 4 classes have no expert mapping' if server.startswith('vLLM') else 'its Gemma 4 LoRA covers ' + ', '.join(SGLANG_TARGETS) + ' only'}), "
-        "so they would be ignored or crash the engine.",
+        "so they would be ignored or crash the engine; 'gemma4-bridge merge' serves them exactly.",
         f"merge the adapter into the base ('gemma4-bridge merge {plan.source} --base MODEL -o MERGED') and serve MERGED, "
         "or serve an adapter without expert LoRA (target_parameters unset)",
     )  # fmt: skip
@@ -143,7 +143,7 @@ def unified_embedder_refusal(plan: CanonicalPlan) -> Finding | None:
         "fails", "unified-embedders",
         f"{plan.weights_label}: {len(towers)} LoRA module(s) target 12B Unified's encoder-free embedders (e.g. "
         f"{towers[0].path}); vLLM 0.32 cannot start a Unified model with {TOWER_FLAG} (its LoRA sizing reads the "
-        "tower-only vision_config.default_output_length), so they cannot be served.",
+        "tower-only vision_config.default_output_length), so they cannot be served; 'gemma4-bridge merge' serves them exactly.",
         f"merge the adapter into the base ('gemma4-bridge merge {plan.source} --base MODEL -o MERGED') and serve MERGED, "
         "or serve an adapter with language-model LoRA only",
     )  # fmt: skip
