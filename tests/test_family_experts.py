@@ -196,3 +196,34 @@ def test_sglang_refuses_expert_lora_by_name(moe_dir: Path, expert_adapter: Path)
 
     with pytest.raises(BridgeError, match=r"MoE expert parameters.*gemma4-bridge merge"):
         prepare_adapter(expert_adapter, Gemma4Layout.from_model_dir(moe_dir))
+
+
+def test_per_expert_ranks_and_scalings_differ(moe_dir: Path, expert_adapter: Path, reference, inputs, tmp_path: Path) -> None:
+    """Exporters may give an expert its own rank (rank_pattern) and alpha (alpha_pattern): the
+    canonical form pads lower ranks with zeros and folds the differing scaling into lora_B."""
+    from safetensors.torch import save_file
+
+    src = per_expert_form(expert_adapter, tmp_path / "per_expert", NUM_EXPERTS, fused_gate_up=True)
+    tensors = load_file(src / "adapter_model.safetensors")
+    config = json.loads((src / "adapter_config.json").read_text())
+    r, alpha = config["r"], config["lora_alpha"]
+    # Expert 2's down_proj as rank r+1 (one extra zero component) with alpha 3: same delta once
+    # lora_B carries the scaling ratio.
+    new_r, new_alpha = r + 1, 3
+    ratio = (alpha / r) / (new_alpha / new_r)
+    for layer in range(5):
+        key = f"base_model.model.model.language_model.layers.{layer}.experts.2.down_proj"
+        a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+        tensors[f"{key}.lora_A.weight"] = torch.cat([a, torch.randn(1, a.shape[1])]).contiguous()
+        tensors[f"{key}.lora_B.weight"] = torch.cat([b.double() * ratio, torch.zeros(b.shape[0], 1, dtype=torch.float64)], 1).float().contiguous()
+    config["rank_pattern"] = {r"experts\.2\.down_proj": new_r}
+    config["alpha_pattern"] = {r"experts\.2\.down_proj": new_alpha}
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, src / "adapter_model.safetensors")
+    p = plan(src, Gemma4Layout.from_model_dir(moe_dir))
+    assert "per-expert-scalings" in p.flavours and any(q.code == "rescaled-experts" for q in p.problems)
+    assert {e.rank for e in p.experts if e.site.param == "down_proj"} == {new_r}  # padded to the largest rank
+    convert_adapter(src, tmp_path / "c", base=moe_dir)
+    got = peft_logits(moe_dir, tmp_path / "c", inputs)
+    for kind in inputs:
+        torch.testing.assert_close(got[kind], reference[kind], atol=1e-4, rtol=0)
