@@ -52,3 +52,25 @@ def test_target_parameters_outside_experts_refused(moe_dir: Path) -> None:
         lora_config(model, LoraConfig(target_modules=TEXT_LINEARS, target_parameters=["router.scale"]))
     with pytest.raises(BridgeError, match="lora_dropout"):
         lora_config(model, LoraConfig(target_modules=TEXT_LINEARS, target_parameters=EXPERT_PARAMETERS, lora_dropout=0.1))
+
+
+def test_unified_all_linear_includes_embedders_and_saves_canonical(tmp_path: Path) -> None:
+    """12B Unified: 'all-linear' reaches its encoder-free embedders (plain linears, nothing to
+    clamp); the saved adapter is canonical and stock PEFT reloads it to the same logits."""
+    model_dir = build_family_member(tmp_path / "unified", family_spec("unified"))
+    model = prepare_model(load_family_model(model_dir))
+    cfg = lora_config(model, LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    embedders = {"model.embed_vision.patch_dense", "model.embed_vision.multimodal_embedder.embedding_projection", "model.embed_audio.embedding_projection"}
+    assert embedders <= set(cfg.target_modules)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    out = save_adapter(peft_model, tmp_path / "adapter")
+    assert inspect_adapter(out, base=model_dir).status == "healthy"
+    ids = torch.tensor([[2, 40, 41, 42, 43]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = PeftModel.from_pretrained(load_family_model(model_dir), out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
