@@ -123,6 +123,14 @@ def plan_gguf(p: CanonicalPlan, layout: Gemma4Layout) -> GgufExport:
     applied = _lora_applied()
     alpha = float(p.source_config.get("lora_alpha", 8))
     refused: list[Problem] = [_refusal(q) for q in p.broken]
+    if p.experts:  # the planner accepts expert LoRA (PEFT target_parameters); llama.cpp is not verified for it
+        keys = tuple(e.a.source_key.split(",")[0] for e in p.experts)
+        refused.append(Problem(
+            "llamacpp-experts", "broken",
+            f"{p.weights_label}: tensor {keys[0]} is a MoE expert LoRA ({len(keys)} expert parameter(s)); llama.cpp's "
+            "gemma4 MoE path has no verified LoRA support for experts.",
+            MERGE_ROUTE, keys,
+        ))  # fmt: skip
     modules: list[GgufModule] = []
     for m in p.modules:
         where = f"{p.weights_label}: tensor {m.a.source_key}"

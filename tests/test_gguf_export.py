@@ -188,7 +188,7 @@ REFUSED = {
     "per_layer_model_projection": ("base_dir", dict(target_modules=["per_layer_model_projection", "q_proj"]), ("per_layer_model_projection", "never apply", "gemma4-bridge merge")),
     "dora": ("base_dir", dict(target_modules=["q_proj"], use_dora=True), ("DoRA", "plain LoRA", "convert_hf_to_gguf.py")),
     "embedding": ("base_dir", dict(target_modules=["embed_tokens", "q_proj"]), ("embedding", "plain LoRA", "convert_hf_to_gguf.py")),
-    "experts": ("moe_base", dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]), ("expert", "merge_and_unload", "convert_hf_to_gguf.py")),
+    "experts": ("moe_base", dict(target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]), ("expert", "gemma4-bridge merge", "convert_hf_to_gguf.py")),
 }  # fmt: skip
 
 
