@@ -27,8 +27,10 @@ rescaled (``B_e * s_e / s``): one float rounding, reported as such.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 # The parameters of one ``Gemma4TextExperts`` in registration order (= PEFT's nesting order).
@@ -135,9 +137,6 @@ def _rescaled(part: ExpertLora, scaling: float) -> Any:
 
 # -- planning: expert keys of any form -> canonical (PEFT) tensors ------------------------------
 
-import re  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from functools import partial  # noqa: E402
 
 # ``...experts`` / ``...experts.base_layer``: PEFT target_parameters. ``...experts.N.proj``: per expert.
 _PEFT_FORM = re.compile(r"^(?P<experts>.+\.experts)(?P<nest>(?:\.base_layer)*)$")
