@@ -246,7 +246,7 @@ class VLLMPlugin(ServerProfile):
 
     name = "vLLM + gemma4-bridge plugin"
     package = "vllm"
-    contract = "gemma4_bridge.plugins.vllm.hooks:HOOKS"
+    contract = "gemma4_bridge.plugins.vllm.upstream:HOOKS"
 
     @property
     def supported(self) -> str:  # type: ignore[override]

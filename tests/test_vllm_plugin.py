@@ -34,13 +34,13 @@ def test_entry_point_is_vllm_general_plugin() -> None:
     assert eps.get("gemma4_bridge") == "gemma4_bridge.plugins.vllm:register"
 
 
-@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0", "not-a-version"])
+@pytest.mark.parametrize("version", ["0.31.2", "0.35.0", "1.0.0", "not-a-version"])
 def test_unsupported_vllm_is_refused_clearly(version: str) -> None:
     with pytest.raises(BridgeError, match=rf"supports vLLM {re.escape(SUPPORTED_VLLM)}, but vLLM {re.escape(version)}.*VLLM_PLUGINS"):
         check_vllm_version(version)
 
 
-@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.33.0", "0.33.1.dev4+gabc", "installed"])
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.33.0", "0.33.1.dev4+gabc", "0.34.0", "installed"])
 def test_supported_vllm_passes(version: str) -> None:
     if version == "installed":  # the vLLM these tests run against must be one the plugin accepts
         import vllm
@@ -56,7 +56,9 @@ def test_upstream_hook_contracts_hold() -> None:
 
 
 def test_upstream_contract_check_detects_changes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(hooks.HOOKS, "fake", ("vllm.lora.lora_model", "LoRAModel.from_lora_tensors", ("no_such_param",)))
+    from gemma4_bridge.plugins.vllm.upstream import Hook
+
+    monkeypatch.setitem(hooks.HOOKS, "fake", Hook("vllm.lora.lora_model", "LoRAModel.from_lora_tensors", ("no_such_param",)))
     assert any("no_such_param" in p for p in hooks.verify_upstream())
 
 

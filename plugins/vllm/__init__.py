@@ -14,8 +14,8 @@ import logging
 from gemma4_bridge import __version__
 from gemma4_bridge.errors import BridgeError
 
-# vLLM releases whose Gemma 4 and LoRA internals the hooks were checked against (see hooks.py).
-SUPPORTED_VLLM = ">=0.32,<0.34"
+from .upstream import SUPPORTED_VLLM  # the releases whose internals were checked (upstream.py, per release)
+
 ARCHITECTURES: dict[str, str] = {
     "Gemma4ForConditionalGeneration": "gemma4_bridge.plugins.vllm.model:BridgeGemma4ForConditionalGeneration",
     "Gemma4ForCausalLM": "gemma4_bridge.plugins.vllm.model:BridgeGemma4ForCausalLM",

