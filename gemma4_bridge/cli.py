@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "merge": "gemma4_bridge.converters.cli_merge",
     "export-gguf": "gemma4_bridge.converters.cli_export_gguf",
     "demo": "gemma4_bridge.demo",
+    "env": "gemma4_bridge.env_report",
 }
 
 

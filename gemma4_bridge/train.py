@@ -16,11 +16,15 @@ with the stock stack; each has one fix here:
   vision-tower LoRA gets no gradient at all. :func:`prepare_model` installs a guard that switches all
   checkpointed layers to non-reentrant (with a warning) whoever enabled it, including TRL's forced
   ``use_reentrant=True`` for PEFT + DeepSpeed ZeRO-3.
-* Audio attention mask: under ``attn_implementation="eager"`` transformers builds the audio tower's
-  mask as an additive float mask, which ``Gemma4AudioAttention`` reads as boolean
+* Audio attention mask: under ``attn_implementation="eager"`` transformers up to 5.23 builds the
+  audio tower's mask as an additive float mask, which ``Gemma4AudioAttention`` reads as boolean
   (``masked_fill(mask.logical_not())``): the tower attends exactly where it should not.
   :func:`prepare_model` gives the audio tower the "sdpa" mask (its attention maths is hand-written
-  either way), with a warning.
+  either way), with a warning. 5.24 fixed it (and refuses "sdpa" there): the model is left alone.
+
+Each repair is keyed to a row of :mod:`gemma4_bridge.upstream_bugs` and installed only where that
+bug is present (a cached probe on a tiny in-memory model, an upstream source fact, or a measured
+version range); on a fixed release nothing is changed and nothing is printed.
 * ZeRO-3: partitioned parameters are ``[0]``-shaped placeholders, so a plain ``save_pretrained``
   writes empty tensors. :func:`save_adapter` gathers first (a collective: call it on every rank).
 * Output: :func:`save_adapter` writes the canonical layout through the converters' own planner, so
@@ -41,6 +45,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from gemma4_bridge import __version__
@@ -48,13 +53,11 @@ from gemma4_bridge.adapter_io import write_adapter
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import LANGUAGE_MODEL, TOWERS, Gemma4Layout
 from gemma4_bridge.output import atomic_output_dir, staged_files
+from gemma4_bridge.upstream_bugs import FIXED_KV_SHARING_RELEASE, KV_SHARING_CACHE_RANGE, present
 
 
 _LAYOUT_ATTR = "_gemma4_bridge_layout"
 _GUARD_ATTR = "_gemma4_bridge_checkpoint_guard"
-# transformers releases where KV sharing lived in the cache object (issue 45242, fixed by PR 45312).
-BROKEN_KV_SHARING_RELEASES = ((5, 5, 0), (5, 5, 1))
-FIXED_KV_SHARING_RELEASE = "5.5.2"
 
 
 class AudioAttentionMaskWarning(UserWarning):
@@ -99,12 +102,19 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     layout = layout_of(base)
     check_transformers_version(layout)
     repair_audio_attention_mask(base)
-    if (layout.kv_shared_layers or "vision" in layout.towers) and not getattr(base, _GUARD_ATTR, None):
+    if _reentrant_checkpointing_breaks(layout) and not getattr(base, _GUARD_ATTR, None):
         _text_decoder(base)  # fail early on a model that is not a Gemma 4 transformers model
         handle = base.register_forward_pre_hook(_ReentrantCheckpointGuard(layout))
         object.__setattr__(base, _GUARD_ATTR, handle)  # not an nn.Module attribute: keep it out of state
     object.__setattr__(base, _LAYOUT_ATTR, layout)
     return model
+
+
+def _reentrant_checkpointing_breaks(layout: Gemma4Layout) -> bool:
+    """Whether reentrant checkpointing trains this model wrong here (probed once per process)."""
+    kv = bool(layout.kv_shared_layers) and present("transformers-reentrant-kv-sharing")
+    vision = "vision" in layout.towers and present("torch-reentrant-frozen-inputs")
+    return kv or vision
 
 
 def repair_audio_attention_mask(model: torch.nn.Module) -> bool:
@@ -118,6 +128,8 @@ def repair_audio_attention_mask(model: torch.nn.Module) -> bool:
     """
     audio_tower = getattr(getattr(_unwrap(model), "model", None), TOWERS["audio"], None)
     if audio_tower is None or audio_tower.config._attn_implementation != "eager":
+        return False
+    if not present("transformers-eager-audio-mask"):  # fixed upstream (5.24): eager is right there
         return False
     audio_tower.config._attn_implementation = "sdpa"
     warnings.warn(
@@ -138,7 +150,7 @@ def check_transformers_version(layout: Gemma4Layout, version: str | None = None)
         import transformers
 
         version = transformers.__version__
-    if Version(version).release[:3] in BROKEN_KV_SHARING_RELEASES:
+    if Version(Version(version).base_version) in SpecifierSet(KV_SHARING_CACHE_RANGE):
         raise BridgeError(
             f"transformers {version} computes wrong K/V for the KV-shared layers {list(layout.kv_shared_layers)} "
             "whenever use_cache=False, which every trainer sets (transformers issue 45242): the loss looks "
@@ -176,13 +188,13 @@ class _ReentrantCheckpointGuard:
 
     def _reasons(self) -> list[str]:
         reasons = []
-        if self.layout.kv_shared_layers:
+        if self.layout.kv_shared_layers and present("transformers-reentrant-kv-sharing"):
             reasons.append(
                 f"layers {list(self.layout.kv_shared_layers)} reuse the K/V of layers {list(self.layout.kv_store_layers)}, "
                 "which reentrant checkpointing recomputes without grad tracking (the loss is right, the gradients "
                 "of every layer up to the K/V-storing ones are wrong)"
             )
-        if "vision" in self.layout.towers:
+        if "vision" in self.layout.towers and present("torch-reentrant-frozen-inputs"):
             reasons.append(
                 "the vision encoder's checkpointed layers get inputs that do not require grad, so reentrant "
                 "checkpointing gives every vision-tower LoRA no gradient at all"
@@ -219,9 +231,7 @@ def _require_zero3_recompute_support(model: torch.nn.Module) -> None:
     """Non-reentrant recompute under ZeRO-3 needs DeepSpeed's recompute attribution (DeepSpeed PR 8130)."""
     if not any(hasattr(p, "ds_id") for p in model.parameters()):
         return
-    from deepspeed.runtime.zero import partitioned_param_coordinator
-
-    if not hasattr(partitioned_param_coordinator, "update_recompute_parameters"):
+    if present("deepspeed-zero3-nonreentrant"):
         import deepspeed
 
         raise BridgeError(
@@ -507,7 +517,7 @@ def _guarded_save_pretrained(peft_model: Any) -> Callable[..., None]:
     def save_pretrained(save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         if "state_dict" in kwargs:
             original(save_directory, **kwargs)
-        elif any(hasattr(p, "ds_id") for p in peft_model.parameters()):
+        elif present("peft-zero3-empty-save") and any(hasattr(p, "ds_id") for p in peft_model.parameters()):
             raise BridgeError(
                 f"model.save_pretrained({str(save_directory)!r}) under DeepSpeed ZeRO-3 would write zero-element "
                 "tensors (each rank holds only a partition).",

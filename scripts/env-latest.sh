@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LATEST_VENV="${GEMMA4_BRIDGE_LATEST_VENV:-$ROOT/.venv-latest}"
 LATEST_PY="$LATEST_VENV/bin/python"
 latest_stamp="$LATEST_VENV/.gemma4-bridge-stamp"
-latest_want="$(cat "$ROOT/scripts/env-latest.sh" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+latest_want="$(cat "$ROOT/scripts/env-latest.sh" "$ROOT/scripts/torchvision-cpu.sh" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
 latest_pip() { "$LATEST_PY" -m pip install --disable-pip-version-check -q "$@"; }
 
@@ -25,11 +25,12 @@ if [ ! -x "$LATEST_PY" ] || [ "$(cat "$latest_stamp" 2>/dev/null)" != "$latest_w
   latest_pip --upgrade "pip>=24"
   latest_pip "torch==2.13.0"
   latest_pip --upgrade "transformers>=5.5.2" "peft" "trl" "accelerate" "deepspeed" "pillow" "pytest>=8" "requests"
-  OMP_NUM_THREADS=1 "$LATEST_PY" -c "import torch, transformers, peft, trl, accelerate, deepspeed" \
+  source "$ROOT/scripts/torchvision-cpu.sh"; torchvision_cpu "$LATEST_PY"
+  OMP_NUM_THREADS=1 "$LATEST_PY" -c "import torch, torchvision.transforms.v2, transformers, peft, trl, accelerate, deepspeed" \
     || { echo "latest-releases environment check failed: see scripts/env-latest.sh" >&2; exit 1; }
   latest_pip --no-deps -e "$ROOT"
   "$LATEST_PY" -m pip list --format=freeze 2>/dev/null \
-    | grep -iE '^(torch|transformers|peft|trl|accelerate|deepspeed|datasets|tokenizers|safetensors)==' \
+    | grep -iE '^(torch|torchvision|transformers|peft|trl|accelerate|deepspeed|datasets|tokenizers|safetensors)==' \
     | tee "$LATEST_VENV/resolved.txt"
   echo "$latest_want" > "$latest_stamp"
 fi

@@ -59,6 +59,18 @@ def zero3_run(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return run_zero3_job(tiny_dir, tmp_path_factory.mktemp("zero3") / "run", steps=2, world_size=2)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``vllm`` are skipped, with the reason, where vLLM is not installed (.venv-latest)."""
+    from gemma4_bridge.upstream_bugs import installed
+
+    if installed("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="needs vLLM, which this environment does not have (the newest-releases env runs the rest)")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
 _exit_status: list[int] = []
 
 

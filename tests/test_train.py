@@ -7,6 +7,7 @@ The tiny fixture has finite clip bounds, KV-shared layers 3,4 (reusing 2,1) and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -286,7 +287,7 @@ def test_reentrant_checkpointing_is_switched_off(tiny_dir: Path) -> None:
 
 def test_unrepairable_checkpointing_is_refused(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where non-reentrant cannot be guaranteed, refuse instead of training on wrong gradients."""
-    from deepspeed.runtime.zero import partitioned_param_coordinator
+    from gemma4_bridge import upstream_bugs
 
     ids = torch.randint(16, 500, (1, 8), generator=torch.Generator().manual_seed(1))
     model = prepare_model(load_tiny_model(tiny_dir)).train()
@@ -301,7 +302,9 @@ def test_unrepairable_checkpointing_is_refused(tiny_dir: Path, monkeypatch: pyte
     model = prepare_model(load_tiny_model(tiny_dir)).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.model.language_model.layers[0].self_attn.q_proj.weight.ds_id = 0  # what ZeRO-3 partitioning marks
-    monkeypatch.delattr(partitioned_param_coordinator, "update_recompute_parameters")
+    # (a stand-in for such a DeepSpeed: the detection reads the installed source, which has PR 8130)
+    monkeypatch.setitem(upstream_bugs.BY_KEY, "deepspeed-zero3-nonreentrant", dataclasses.replace(
+        upstream_bugs.BY_KEY["deepspeed-zero3-nonreentrant"], detect=lambda: upstream_bugs.Finding(True, "stand-in")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(BridgeError, match="PR 8130"):
@@ -471,23 +474,35 @@ def test_trainer_needs_a_loaded_model() -> None:
         Gemma4SFTTrainer(model=os.fspath("google/gemma-4-e2b"))
 
 
-def test_eager_audio_mask_is_repaired(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:
-    """Under "eager" the audio tower reads its mask inverted; prepare_model restores the sdpa mask.
+def test_eager_audio_mask_is_repaired_where_broken(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:
+    """Where eager reads the audio mask inverted (transformers <= 5.23), prepare_model restores the
+    sdpa mask; where it is fixed (5.24), the model is left untouched and nothing is printed.
 
-    The reference (load_tiny_model: sdpa mask for the audio tower) is the one vLLM's independent
-    audio implementation matches to ~1e-6 (tests/test_vllm_engine.py), so it is the correct one.
+    The reference where eager is broken (load_tiny_model: sdpa mask for the audio tower) is the one
+    vLLM's independent audio implementation matches to ~1e-6 (tests/test_vllm_engine.py).
     """
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemma4_bridge.train import AudioAttentionMaskWarning, prepare_model
+    from gemma4_bridge.train import prepare_model
+    from gemma4_bridge.upstream_bugs import present
 
-    reference = _logits(load_tiny_model(tiny_dir), mm_batch)
     eager = Gemma4ForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="eager").eval()
-    assert (_logits(eager, mm_batch) - reference).abs().max() > 1e-2  # the upstream defect is real
-    with pytest.warns(AudioAttentionMaskWarning, match="audio tower"):
-        prepare_model(eager)
-    assert eager.config.text_config._attn_implementation == "eager"  # text attention untouched
-    _assert_agree(_logits(eager, mm_batch), reference)
+    before = _logits(eager, mm_batch)
+    if present("transformers-eager-audio-mask"):
+        from gemma4_bridge.train import AudioAttentionMaskWarning
+
+        reference = _logits(load_tiny_model(tiny_dir), mm_batch)
+        assert (before - reference).abs().max() > 1e-2  # the upstream defect is real here
+        with pytest.warns(AudioAttentionMaskWarning, match="audio tower"):
+            prepare_model(eager)
+        assert eager.config.text_config._attn_implementation == "eager"  # text attention untouched
+        _assert_agree(_logits(eager, mm_batch), reference)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # fixed upstream: no repair, no warning
+            prepare_model(eager)
+        assert eager.model.audio_tower.config._attn_implementation == "eager"
+        assert torch.equal(_logits(eager, mm_batch), before)  # untouched, and audio still runs
 
 
 def test_vision_lora_trains_under_reentrant_checkpointing(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:

@@ -252,14 +252,17 @@ def variant(**changes: Any) -> TinySpec:
 
 
 def reference_attn_implementation(model_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Eager attention everywhere except the audio tower, which needs transformers' "sdpa" mask.
+    """Eager attention everywhere; the audio tower gets transformers' "sdpa" mask where eager's is wrong.
 
     ``Gemma4AudioAttention`` masks with ``masked_fill(mask.logical_not(), ...)``, i.e. it expects the
-    boolean mask the sdpa mask builder makes. Under "eager" the builder returns an additive float
-    mask (0 allowed / -3.4e38 masked), so the audio tower attends exactly where it should not
-    (0.42 logprob on the tiny model). The attention maths is the same hand-written code either way;
-    only the mask differs. vLLM builds the tower with "sdpa", i.e. correctly.
+    boolean mask the sdpa mask builder makes. Up to transformers 5.23, under "eager" the builder
+    returned an additive float mask (0 allowed / -3.4e38 masked), so the audio tower attended
+    exactly where it should not (0.42 logprob on the tiny model). 5.24 fixed eager and refuses
+    "sdpa" for the audio tower, so the choice follows the probe in :mod:`gemma4_bridge.upstream_bugs`.
+    vLLM builds the tower with the boolean mask, i.e. correctly.
     """
+    from gemma4_bridge.upstream_bugs import present
+
     config = json.loads(Path(model_dir, "config.json").read_text())
     if config.get("model_type") == "gemma4_text":
         return {"": "eager"}
@@ -267,7 +270,7 @@ def reference_attn_implementation(model_dir: str | os.PathLike[str]) -> dict[str
     if config.get("vision_config"):
         impl["vision_config"] = "eager"
     if config.get("audio_config"):
-        impl["audio_config"] = "sdpa"
+        impl["audio_config"] = "sdpa" if present("transformers-eager-audio-mask") else "eager"
     return impl
 
 
