@@ -68,3 +68,11 @@ def test_source_contract_check_detects_changes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("version", "column"), [("0.32.0", "0.32"), ("0.33.1.dev4+gabc", "0.33"), ("0.34.0", "0.34"), ("0.35.0", None), ("0.31.2", None)])
 def test_release_columns(version: str, column: str | None) -> None:
     assert upstream.release_of(version) == column
+
+
+def test_per_release_table() -> None:
+    """The table users and the server profiles read: the CPU-kernel hooks only where slot -1 is broken."""
+    table = upstream.per_release()
+    assert table["cpu_bgmv_shrink"] == {"0.32": "patched", "0.33": "off: fixed upstream", "0.34": "off: fixed upstream"}
+    assert table["lora_set_adapter_mapping"] == dict.fromkeys(upstream.RELEASES, "patched")
+    assert table["lora_from_tensors"] == dict.fromkeys(upstream.RELEASES, "relied on")

@@ -99,22 +99,32 @@ def install() -> None:
     from vllm.lora.model_manager import LoRAModelManager
     from vllm.v1.engine.input_processor import InputProcessor
 
-    _ORIGINALS["lora_set_adapter_mapping"] = LoRAModelManager._set_adapter_mapping
-    LoRAModelManager._set_adapter_mapping = _set_adapter_mapping  # type: ignore[method-assign]
+    if needed("lora_set_adapter_mapping"):
+        _ORIGINALS["lora_set_adapter_mapping"] = LoRAModelManager._set_adapter_mapping
+        LoRAModelManager._set_adapter_mapping = _set_adapter_mapping  # type: ignore[method-assign]
     _ORIGINALS["lora_from_local_checkpoint"] = LoRAModel.from_local_checkpoint.__func__  # type: ignore[attr-defined]
-    _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
     LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
-    InputProcessor._validate_lora = _validate_lora  # type: ignore[method-assign]
-    import vllm.lora.model_manager as model_manager
+    if needed("frontend_validate_lora"):
+        _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
+        InputProcessor._validate_lora = _validate_lora  # type: ignore[method-assign]
+    if needed("lora_supported_module"):
+        import vllm.lora.model_manager as model_manager
 
-    _ORIGINALS["lora_supported_module"] = model_manager.is_supported_lora_module
-    model_manager.is_supported_lora_module = _supported_lora_module
-    _install_cpu_kernel_fix()
+        _ORIGINALS["lora_supported_module"] = model_manager.is_supported_lora_module
+        model_manager.is_supported_lora_module = _supported_lora_module
+    if needed("cpu_bgmv_shrink"):
+        _install_cpu_kernel_fix()
+
+
+def needed(name: str) -> bool:
+    """Whether hook ``name`` must be patched in the installed vLLM: always, or while its bug is present."""
+    bug = HOOKS[name].bug
+    return bug is None or bool(detect_bug(bug).present)
 
 
 def cpu_kernels_need_fix() -> bool:
     """True while vLLM's CPU LoRA kernels still index slots without masking slot -1 (fixed in 0.33)."""
-    return bool(detect_bug("cpu_slot_minus_one").present)
+    return needed("cpu_bgmv_shrink")
 
 
 def _install_cpu_kernel_fix() -> None:
@@ -123,8 +133,6 @@ def _install_cpu_kernel_fix() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    if not cpu_kernels_need_fix():
-        return
     users = (lora_ops, importlib.import_module("vllm.lora.ops.torch_ops"), punica_cpu)
     for name in CPU_KERNELS:
         original = getattr(lora_ops, name)

