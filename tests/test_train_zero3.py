@@ -124,11 +124,23 @@ def _worker(model_dir: Path, out: Path) -> None:
     stock = trainer("stock", SFTTrainer)
     record["stock_gc_kwargs"] = dict(stock.args.gradient_checkpointing_kwargs or {})
     stock.train()
+    record["stock_runs_reentrant"] = _runs_reentrant(stock.model)
 
     if rank == 0:
         torch.save({"grads": captured, "truth": truth}, out / "tensors.pt")
         (out / "record.json").write_text(json.dumps(record, indent=1))
     torch.distributed.barrier()
+
+
+def _runs_reentrant(model: Any) -> bool | None:
+    """What the checkpointed layers really run (None: none is checkpointed). TRL asks for reentrant by
+    setting args.gradient_checkpointing_kwargs, which transformers 5.24 no longer reads (it reads
+    activation_checkpointing_kwargs, default use_reentrant=False)."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            keywords = getattr(getattr(module, "_gradient_checkpointing_func", None), "keywords", None) or {}
+            return keywords.get("use_reentrant") is not False
+    return None
 
 
 # -- the test (runs in pytest) ------------------------------------------------------------------
@@ -167,7 +179,11 @@ def test_zero3_gradients_match_no_checkpointing(zero3_training: Path) -> None:
     wrapper = {n: _rel(grads["wrapper"][n], g) for n, g in reference.items()}
     assert max(wrapper.values()) < 1e-5, wrapper
     stock = {n: _rel(grads["stock"][n], g) for n, g in reference.items()}
-    assert max(stock[n] for n in store_kv) > 0.1, stock  # the bug the wrapper repairs, in this very run
+    if record["stock_runs_reentrant"]:
+        assert max(stock[n] for n in store_kv) > 0.1, stock  # the bug the wrapper repairs, in this very run
+    else:  # this TRL + transformers pair does not reach reentrant checkpointing: stock is exact too
+        assert record["stock_runs_reentrant"] is False, "the stock run must be checkpointed"
+        assert max(stock.values()) < 1e-5, stock
 
 
 def test_zero3_saved_adapters_hold_gathered_values(zero3_training: Path, tiny_dir: Path) -> None:
