@@ -9,7 +9,7 @@
 # transformers 5.25.0 needs a `kernels` release the registry does not serve yet, so pip resolves
 # 5.24.0 today. The stamp is this file's and pyproject.toml's hash: a new upstream release is picked
 # up when this file changes or the venv is removed (CI starts cold).
-# Measured on the 2-core box: see README "Testing on a CPU box" (cold build time).
+# Measured on the 2-core box, no pip cache: 2.4 minutes, 1.5 GB.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LATEST_VENV="${GEMMA4_BRIDGE_LATEST_VENV:-$ROOT/.venv-latest}"
