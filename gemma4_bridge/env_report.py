@@ -18,6 +18,9 @@ import platform
 import sys
 from typing import Any
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 from gemma4_bridge import __version__
 
 HELP = "show the installed stack and which upstream Gemma 4 bugs are present (for bug reports)"
@@ -34,11 +37,18 @@ def collect() -> dict[str, Any]:
     from gemma4_bridge.plugins.sglang.upstream import SUPPORTED_SGLANG_RANGE
     from gemma4_bridge.upstream_bugs import installed, report
 
+    packages = {name: installed(name) for name in PACKAGES}
+    supported = {"vllm": SUPPORTED_VLLM, "sglang": SUPPORTED_SGLANG_RANGE}
     return {
         "gemma4_bridge": __version__,
         "python": platform.python_version(),
-        "packages": {name: installed(name) for name in PACKAGES},
-        "supported": {"vllm": SUPPORTED_VLLM, "sglang": SUPPORTED_SGLANG_RANGE},
+        "packages": packages,
+        "supported": supported,
+        # None: not installed; False: the plugin / class refuses to start next to this release.
+        "plugin_supports": {
+            name: None if packages[name] is None else Version(Version(packages[name]).base_version) in SpecifierSet(supported[name])
+            for name in supported
+        },
         "bugs": report(),
     }
 
@@ -47,7 +57,11 @@ def _text(info: dict[str, Any]) -> str:
     mark = {True: "PRESENT", False: "fixed", None: "n/a"}
     lines = [f"gemma4-bridge {info['gemma4_bridge']} (Python {info['python']})", ""]
     lines += [f"  {name:<13}{found or 'not installed'}" for name, found in info["packages"].items()]
-    lines += ["", f"  plugin ranges: vLLM {info['supported']['vllm']}, SGLang {info['supported']['sglang']}", "", "upstream bugs:"]
+    lines.append("")
+    for name, ok in info["plugin_supports"].items():
+        verdict = {None: "not installed", True: "supported", False: "REFUSED at start-up (outside the range)"}[ok]
+        lines.append(f"  {name} plugin: {info['supported'][name]}: {verdict}")
+    lines += ["", "upstream bugs:"]
     for bug in info["bugs"]:
         lines.append(f"  [{mark[bug['present']]}] {bug['key']}: {bug['summary']}")
         lines.append(f"      evidence: {bug['evidence']}")

@@ -13,7 +13,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VLLM_NEXT_DIR="${GEMMA4_BRIDGE_VLLM_NEXT:-$ROOT/.venv-vllm-next}"
 VLLM_NEXT_RELEASES=(0.33.0 0.34.0)
-VLLM_NEXT_TESTS=(tests/test_vllm_upstream.py tests/test_vllm_plugin.py tests/test_vllm_release_paths.py)
 vllm_next_stamp="$VLLM_NEXT_DIR/.gemma4-bridge-stamp"
 vllm_next_want="$(sha256sum < "$ROOT/scripts/env-vllm-next.sh" | cut -d' ' -f1)"
 

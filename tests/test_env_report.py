@@ -47,6 +47,8 @@ def report() -> dict:
 def test_versions_are_the_installed_ones(report: dict) -> None:
     for name in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "vllm", "sglang"):
         assert report["packages"][name] == installed(name), name
+    vllm = installed("vllm")
+    assert report["plugin_supports"]["vllm"] == (None if vllm is None else vllm.startswith(("0.32.", "0.33.", "0.34.")))
 
 
 def test_each_bug_is_reported_as_measured_here(report: dict) -> None:
