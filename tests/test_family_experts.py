@@ -90,7 +90,7 @@ def test_layout_reads_experts_as_3d_parameters(moe_dir: Path) -> None:
     assert (down.num_experts, down.out_features, down.in_features) == (NUM_EXPERTS, 64, MOE_INTERMEDIATE_SIZE)
     assert not any("experts" in path for path in layout.linears)  # never mistaken for linears
     assert "model.language_model.layers.0.router.proj" in layout.linears  # the router is a real nn.Linear
-    assert layout.kv_shared_layers and layout.k_eq_v_layers
+    assert len(layout.kv_shared_layers) == family_spec("moe").num_kv_shared_layers and layout.k_eq_v_layers
 
 
 def test_peft_target_parameters_are_canonical(moe_dir: Path, expert_adapter: Path) -> None:

@@ -12,11 +12,15 @@ breaks LoRA tooling:
   and ``embed_audio.embedding_projection`` (plain ``nn.Linear``, nothing to clamp), ``k_eq_v``.
 
 The real 26B-A4B / 31B / 12B have no KV-shared layers; the fixtures keep two anyway (``kv_shared``)
-because KV sharing is what breaks adapters most often, and tooling must handle it on any member.
+because KV sharing is what breaks adapters most often, and tooling must handle it on any member --
+except where the installed transformers cannot run KV-shared layers without per-layer inputs (5.24
+slices ``per_layer_inputs`` for them without a None check; no released checkpoint has both), where
+the MoE and dense fixtures follow the real members (see :func:`kv_sharing_runs_without_per_layer_inputs`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -63,7 +67,27 @@ class FamilySpec:
 
     @property
     def num_kv_shared_layers(self) -> int:
-        return 2 if self.kv_shared else 0
+        runs = self.member == "unified" or kv_sharing_runs_without_per_layer_inputs()
+        return 2 if self.kv_shared and runs else 0
+
+
+@functools.cache
+def kv_sharing_runs_without_per_layer_inputs() -> bool:
+    """Whether the installed transformers forwards a Gemma 4 text model that has KV-shared layers but
+    no per-layer inputs (5.19: yes; 5.24: TypeError in its KV-shared slicing). Probed once, ~0.1 s."""
+    import torch
+    from transformers import Gemma4TextConfig, Gemma4TextModel
+
+    text = dict(tiny_config_dict(TinySpec(num_hidden_layers=3, num_kv_shared_layers=1))["text_config"])
+    text.update(hidden_size_per_layer_input=0, vocab_size_per_layer_input=VOCAB_SIZE)
+    text.pop("model_type", None)
+    model = Gemma4TextModel(Gemma4TextConfig(**text)).eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]]))
+    except TypeError:
+        return False
+    return True
 
 
 def family_spec(member: Member, **changes: Any) -> FamilySpec:
