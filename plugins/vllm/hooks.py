@@ -24,18 +24,28 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   step has any token without an adapter, so that the kernel wrappers above pass straight through
   when none has (the common case: every request names an adapter) instead of testing the slots on
   each of the ~80 kernel calls per step (measured 6-10% of decode on the tiny model).
-* ``InputProcessor._validate_lora`` (front end): a request naming a bad adapter is refused
-  there, as a per-request validation error, by every check the worker would make (headers, then
-  each value once; cached per adapter file version). Without it the adapter would be loaded
-  lazily inside the worker, where any exception kills the whole engine. Which modules vLLM
+* ``InputProcessor.process_inputs`` (front end, every request): a request naming a local adapter
+  is refused there, as a per-request validation error, by every check the worker would make
+  (headers, then each value once); it is checked on a private, content-addressed copy
+  (:mod:`.snapshot`, once per file version), and the request goes on naming the copy. So the
+  worker, which (re)reads the directory at first use and after every eviction, loads exactly the
+  bytes that were validated, whatever happens to the user's files meanwhile. Which modules vLLM
   builds LoRA layers for is predicted from the layout and flags; tests/test_vllm_engine.py checks
   the prediction against the modules vLLM really wrapped.
+* ``OpenAIServingModels.load_lora_adapter`` (API server, ``POST /v1/load_lora_adapter`` and
+  ``--lora-modules``): the same check before vLLM hands the directory to the engine, answered as
+  HTTP 400 with the bridge's message (vLLM would answer 500 after a traceback in the worker).
+* ``EngineCore.add_request`` (engine core): a Gemma 4 request whose adapter is not in the worker's
+  cache (first use, or evicted) loads it on arrival, outside any model step; if the worker refuses
+  it (say its snapshot was tampered with), that request alone finishes with an error (inside a
+  step, the same exception kills the engine).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import os
+import logging
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -43,12 +53,14 @@ from typing import Any
 
 from gemma4_bridge.errors import BridgeError
 
+from . import snapshot
 from .adapter import LORA_FREE_MARK, ServingContext, check_adapter, check_modules_wrapped, check_values, prepare_adapter
 from .upstream import HOOKS, SUPPORTED_VLLM, detect_bug
 
 # The hooks, their parameters and what each tested release needs patched live in upstream.py.
 CPU_KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 _ORIGINALS: dict[str, Callable[..., Any]] = {}
+logger = logging.getLogger("vllm.gemma4_bridge")
 # Per CPU punica wrapper (one per LoRA mapping: language model, each tower, each connector): does
 # its current mapping have a token or sampler row without an adapter (slot -1)? Until a wrapper
 # reports, the kernels mask (safe); afterwards they mask only while any wrapper has such a row.
@@ -95,8 +107,10 @@ def install() -> None:
             "gemma4-bridge's vLLM hooks do not fit the installed vLLM: " + "; ".join(problems) + ".",
             fix=f"install a vLLM release gemma4-bridge supports (pip install 'vllm{SUPPORTED_VLLM}') or upgrade gemma4-bridge",
         )
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
 
     if needed("lora_set_adapter_mapping"):
@@ -104,9 +118,15 @@ def install() -> None:
         LoRAModelManager._set_adapter_mapping = _set_adapter_mapping  # type: ignore[method-assign]
     _ORIGINALS["lora_from_local_checkpoint"] = LoRAModel.from_local_checkpoint.__func__  # type: ignore[attr-defined]
     LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
-    if needed("frontend_validate_lora"):
-        _ORIGINALS["frontend_validate_lora"] = InputProcessor._validate_lora
-        InputProcessor._validate_lora = _validate_lora  # type: ignore[method-assign]
+    if needed("frontend_process_inputs"):
+        _ORIGINALS["frontend_process_inputs"] = InputProcessor.process_inputs
+        InputProcessor.process_inputs = _process_inputs  # type: ignore[method-assign]
+    if needed("frontend_load_lora_adapter"):
+        _ORIGINALS["frontend_load_lora_adapter"] = OpenAIServingModels.load_lora_adapter
+        OpenAIServingModels.load_lora_adapter = _load_lora_adapter  # type: ignore[method-assign]
+    if needed("engine_add_request"):
+        _ORIGINALS["engine_add_request"] = EngineCore.add_request
+        EngineCore.add_request = _engine_add_request  # type: ignore[method-assign]
     if needed("lora_supported_module"):
         import vllm.lora.model_manager as model_manager
 
@@ -226,49 +246,88 @@ def _from_local_checkpoint(cls: Any, lora_dir: str, expected_lora_modules: set[s
     )
 
 
+# -- engine core ---------------------------------------------------------------------------------
+def _engine_add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    lora = request.lora_request
+    if lora is not None and _serves_gemma4(self.vllm_config.model_config) and lora.lora_int_id not in self.model_executor.list_loras():
+        try:
+            self.model_executor.add_lora(lora)
+        except Exception as exc:
+            logger.warning("gemma4-bridge: request %s fails: LoRA adapter '%s' did not load: %s",
+                           request.request_id, lora.lora_name, exc)  # fmt: skip
+            send_error = getattr(self, "_send_error_outputs_to_client", None)
+            if send_error is None:  # in-process engine (offline LLM): the caller's add_request raises
+                raise
+            send_error([request.request_id], request.client_index)
+            return None
+    return _ORIGINALS["engine_add_request"](self, request, *args, **kwargs)
+
+
+def _serves_gemma4(model_config: Any) -> bool:
+    from . import ARCHITECTURES
+
+    return any(a in ARCHITECTURES for a in getattr(model_config, "architectures", None) or [])
+
+
 # -- front end ---------------------------------------------------------------------------------
-_CHECKED: dict[tuple[str, int, int], BridgeError | None] = {}
-
-
 def _frontend_context(processor: Any) -> ServingContext | None:
     ctx = getattr(processor, "_gemma4_bridge_ctx", False)
     if ctx is not False:
         return ctx
-    from . import ARCHITECTURES, MULTIMODAL_ARCHITECTURES
+    from . import MULTIMODAL_ARCHITECTURES
 
     model_config = processor.model_config
     archs = list(getattr(model_config, "architectures", None) or [])
     ctx = None
-    if any(a in ARCHITECTURES for a in archs):
+    if _serves_gemma4(model_config):
         ctx = ServingContext.from_vllm(model_config, processor.lora_config, towers_served=archs[0] in MULTIMODAL_ARCHITECTURES)
     processor._gemma4_bridge_ctx = ctx
     return ctx
 
 
-def _stamp(path: str) -> tuple[str, int, int]:
-    root = Path(path)
-    weights = next((root / n for n in ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt") if (root / n).exists()), root)
-    config = root / "adapter_config.json"
-    mtime = lambda p: p.stat().st_mtime_ns if p.exists() else 0  # noqa: E731
-    return (os.path.abspath(path), mtime(weights), mtime(config))
-
-
-def _validate_lora(self: Any, lora_request: Any) -> None:
-    _ORIGINALS["frontend_validate_lora"](self, lora_request)
-    if lora_request is None or not Path(lora_request.lora_path).is_dir():
-        return  # not a local adapter: vLLM's resolvers / not-found handling apply
-    ctx = _frontend_context(self)
+def _validated_path(processor: Any, lora_path: str) -> str | None:
+    """The validated snapshot to serve for a local Gemma 4 adapter directory (None: not ours to check);
+    BridgeError if refused."""
+    if snapshot.is_snapshot(lora_path) or not Path(lora_path).is_dir():
+        return None  # already checked, or not a local adapter: vLLM's resolvers / not-found handling apply
+    ctx = _frontend_context(processor)
     if ctx is None:
-        return
-    key = _stamp(lora_request.lora_path)
-    if key not in _CHECKED:
-        try:
-            check_values(check_adapter(lora_request.lora_path, ctx))
-            _CHECKED[key] = None
-        except BridgeError as err:
-            _CHECKED[key] = err
-    err = _CHECKED[key]
-    if err is not None:
-        from vllm.exceptions import VLLMValidationError
+        return None
+    return str(snapshot.validated_snapshot(lora_path, lambda d: check_values(check_adapter(d, ctx))))
 
-        raise VLLMValidationError(f"LoRA adapter '{lora_request.lora_name}': {err}") from err
+
+def _process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+    original = _ORIGINALS["frontend_process_inputs"]
+    bound = _signature(original).bind(self, *args, **kwargs)
+    lora_request = bound.arguments.get("lora_request")
+    if lora_request is not None:
+        try:
+            served = _validated_path(self, lora_request.lora_path)
+        except BridgeError as err:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(f"LoRA adapter '{lora_request.lora_name}': {err}") from err
+        if served is not None:
+            import msgspec
+
+            bound.arguments["lora_request"] = msgspec.structs.replace(lora_request, lora_path=served)
+    return original(*bound.args, **bound.kwargs)
+
+
+@functools.cache
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+async def _load_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+    """Refuse a bad adapter with 400 and the bridge's message before the engine sees it."""
+    if request.lora_path and Path(request.lora_path).is_dir():
+        try:
+            _validated_path(self.input_processor, request.lora_path)
+        except BridgeError as err:
+            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+            logger.warning("gemma4-bridge: refused to load LoRA adapter '%s': %s", request.lora_name, err)
+            return create_error_response(f"LoRA adapter '{request.lora_name}': {err}")
+    return await _ORIGINALS["frontend_load_lora_adapter"](self, request, *args, **kwargs)
+

@@ -60,8 +60,14 @@ HOOKS: dict[str, Hook] = {
         ("lora_model_id", "tensors", "peft_helper", "device", "dtype", "model_vocab_size", "weights_mapper", "skip_prefixes"),
         patched=False,
     ),
-    "frontend_validate_lora": Hook("vllm.v1.engine.input_processor", "InputProcessor._validate_lora", ("self", "lora_request"),
-                                   bug="worker_adapter_errors"),
+    # Front end: every adapter is checked (and snapshotted) before a request or a runtime load reaches the
+    # engine, and the engine loads a request's adapter before scheduling it, so a bad adapter fails that
+    # request (HTTP 400) instead of raising inside a model step.
+    "frontend_process_inputs": Hook("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "lora_request"),
+                                    bug="worker_adapter_errors"),
+    "frontend_load_lora_adapter": Hook("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter",
+                                       ("self", "request"), bug="worker_adapter_errors"),
+    "engine_add_request": Hook("vllm.v1.engine.core", "EngineCore.add_request", ("self", "request"), bug="worker_adapter_errors"),
     "rename_mapper": Hook("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",), patched=False),
     "cpu_bgmv_shrink": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
     "cpu_bgmv_expand": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),

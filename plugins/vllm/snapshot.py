@@ -1,0 +1,132 @@
+"""Validated, content-addressed copies of adapters: the worker loads exactly what the front end checked.
+
+vLLM's worker (re)reads an adapter directory whenever it loads it: at a request's first step, and
+again after evicting it from its CPU cache (``--max-cpu-loras``). A file replaced after the front
+end's check (an atomic rename to a NaN or truncated ``adapter_model.safetensors``) would then meet
+the worker, where any exception kills the engine. So the front end copies the adapter's two files
+once per file version into a private directory (``GEMMA4_BRIDGE_SNAPSHOT_DIR`` or the temp dir,
+mode 0700, named after this process; removed at exit, and by the next process if this one was
+killed), validates the *copy* with every check the worker makes, and hands the worker the copy's
+path. The copy is named after the SHA-256 of its bytes and never changes, so whatever the worker
+reads later (first load, reload after eviction) is byte for byte what was validated.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from gemma4_bridge.adapter_io import CONFIG_NAME, PICKLE_NAMES, SAFETENSORS_NAME
+from gemma4_bridge.errors import BridgeError
+
+SNAPSHOT_ENV = "GEMMA4_BRIDGE_SNAPSHOT_DIR"
+_PREFIX = "gemma4-bridge-adapters-"
+_CHUNK = 8 << 20
+_WEIGHT_NAMES = (SAFETENSORS_NAME, *PICKLE_NAMES)
+
+# (adapter dir, file identities) -> the validated snapshot, or the refusal; one entry per version.
+_VERDICTS: dict[tuple[object, ...], Path | BridgeError] = {}
+_ROOT: list[Path] = []
+
+
+def snapshot_root() -> Path:
+    """This process's private snapshot directory (created on first use, removed at exit)."""
+    if not _ROOT:
+        parent = Path(os.environ.get(SNAPSHOT_ENV) or tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(parent)
+        root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
+        atexit.register(shutil.rmtree, root, True)
+        _ROOT.append(root)
+    return _ROOT[0]
+
+
+def is_snapshot(path: str | os.PathLike[str]) -> bool:
+    return bool(_ROOT) and Path(path).parent == _ROOT[0]
+
+
+def _remove_stale(parent: Path) -> None:
+    """Snapshot directories of processes that died without cleaning up (SIGKILL)."""
+    for entry in parent.glob(f"{_PREFIX}*"):
+        pid = entry.name[len(_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def file_version(adapter_dir: str | os.PathLike[str]) -> tuple[object, ...]:
+    """Identity of the adapter's files: inode, size, mtime and ctime of each (a rename or rewrite changes it)."""
+    root = Path(adapter_dir)
+    out: list[object] = [os.path.abspath(root)]
+    for name in (CONFIG_NAME, *_WEIGHT_NAMES):
+        try:
+            st = (root / name).stat()
+        except OSError:
+            continue
+        out.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+def validated_snapshot(adapter_dir: str | os.PathLike[str], validate: Callable[[Path], None]) -> Path:
+    """The snapshot of ``adapter_dir`` that ``validate`` accepted (copied and checked once per file version).
+
+    ``validate`` runs on the copy; a :class:`BridgeError` it raises is re-raised (and remembered for
+    this file version) with the copy's path replaced by the user's directory."""
+    key = file_version(adapter_dir)
+    verdict = _VERDICTS.get(key)
+    if isinstance(verdict, BridgeError):
+        raise verdict
+    if verdict is not None and verdict.is_dir():
+        return verdict
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=snapshot_root()))
+    try:
+        digest = _copy(Path(adapter_dir), staging)
+        validate(staging)
+    except BridgeError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        renamed = _renamed(err, staging, Path(adapter_dir))
+        _VERDICTS[key] = renamed
+        raise renamed from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    final = snapshot_root() / digest
+    if final.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        staging.rename(final)
+    _VERDICTS[key] = final
+    return final
+
+
+def _copy(src: Path, dst: Path) -> str:
+    """Copy the config and the weights file PEFT wrote; the SHA-256 of both names the snapshot."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, *_WEIGHT_NAMES):
+        try:
+            source = open(src / name, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BridgeError(f"{src / name}: cannot be read ({exc}).", fix="check the file's permissions") from exc
+        digest.update(name.encode() + b"\0")
+        with source, open(dst / name, "wb") as out:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if name != CONFIG_NAME:
+            break  # the weights file the readers pick: the first that exists
+    return digest.hexdigest()[:40]
+
+
+def _renamed(err: BridgeError, staging: Path, user_dir: Path) -> BridgeError:
+    swap = lambda text: text.replace(str(staging), str(user_dir))  # noqa: E731
+    renamed = BridgeError(swap(err.message), fix=swap(err.fix) if err.fix else None)
+    with contextlib.suppress(AttributeError):
+        renamed.exit_code = err.exit_code
+    return renamed
