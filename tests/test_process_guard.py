@@ -1,0 +1,48 @@
+"""The session-end process guard (tests/process_guard.py): a run that leaves a vLLM process behind
+fails, names it and kills it; a clean run passes. Cheap: the 'engine' is a sleeping child named
+like vLLM's (``VLLM::EngineCore``), started by a test in a pytest subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+LEAKY = textwrap.dedent(
+    """
+    import subprocess, sys
+    from pathlib import Path
+
+    def test_starts_an_engine_and_forgets_it(tmp_path):
+        code = "from pathlib import Path; Path('/proc/self/comm').write_text('VLLM::EngineCore'); import time; time.sleep(600)"
+        child = subprocess.Popen([sys.executable, "-c", code])
+        Path({pid_file!r}).write_text(str(child.pid))
+    """
+)
+
+
+def _run(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "test_inner.py").write_text(body)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "process_guard", "-p", "no:cacheprovider", str(tmp_path / "test_inner.py")]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_leftover_vllm_process_fails_the_run_and_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    run = _run(tmp_path, LEAKY.format(pid_file=str(pid_file)))
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "VLLM::EngineCore" in run.stderr and "1 passed" in run.stdout, run.stderr
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{pid}").exists(), "the guard must kill the leftover engine"
+
+
+def test_clean_run_passes(tmp_path: Path) -> None:
+    run = _run(tmp_path, "def test_nothing():\n    pass\n")
+    assert run.returncode == 0, run.stdout + run.stderr
