@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "convert": "gemma4_bridge.converters.cli_convert",
     "merge": "gemma4_bridge.converters.cli_merge",
     "export-gguf": "gemma4_bridge.converters.cli_export_gguf",
+    "verify": "gemma4_bridge.verify",
     "demo": "gemma4_bridge.demo",
     "env": "gemma4_bridge.env_report",
 }

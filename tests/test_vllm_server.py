@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,86 +23,20 @@ import pytest
 import requests
 import torch
 from convert_helpers import default_adapter_name, write_variant
+from server_helpers import api_server, session_members, stop
 from vllm_helpers import PROMPTS, TOL, hf_inputs, hf_model, hf_prompt_logprobs, media
 
 from gemma4_bridge.testing.fixtures import write_peft_adapter
 
 pytestmark = pytest.mark.vllm
-START_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _session_members(sid: int) -> list[int]:
-    """Live processes whose session id is ``sid`` (the server was started in its own session)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, text_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
     snapshots = tmp_path_factory.mktemp("snapshots")
-    # VLLM_LOGGING_LEVEL explicitly: importing trl (other test modules do) sets it to ERROR in this
-    # process's environment, which would hide the plugin's INFO line from the server.
-    env = {
-        **os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1",
-        "VLLM_LOGGING_LEVEL": "INFO", "GEMMA4_BRIDGE_SNAPSHOT_DIR": str(snapshots),
-    }  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "256", "--max-num-seqs", "4", "--enable-lora", "--max-lora-rank", "8",
-        "--lora-modules", f"text={text_adapter}", "--limit-mm-per-prompt", '{"image": 1, "audio": 1}',
-    ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    info = {"url": url, "proc": proc, "log": log, "snapshots": snapshots}
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield info
-    finally:
-        _stop(proc)
-    info["orphans"] = _session_members(proc.pid)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while _session_members(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    args = ["--lora-modules", f"text={text_adapter}", "--limit-mm-per-prompt", '{"image": 1, "audio": 1}']
+    with api_server(tiny_dir, args, tmp_path_factory.mktemp("server") / "server.log", {"GEMMA4_BRIDGE_SNAPSHOT_DIR": str(snapshots)}) as info:
+        yield {**info, "snapshots": snapshots}
 
 
 def _complete(url: str, model: str, token_ids: list[int]) -> requests.Response:
@@ -359,9 +289,24 @@ def test_load_with_faults_serves_solo_numbers(server: dict[str, Any], tiny_dir: 
         assert float((_chat_logprobs(url, *combo) - solo[combo]).abs().max()) < 1e-4
 
 
+def test_verify_passes_the_plugin_server(server: dict[str, Any], tiny_dir: Path, text_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 13.2: `gemma4-bridge verify` on the plugin's server: the default text, image and audio
+    probes are all "ok" at the float32 tolerance 1e-3, exit 0."""
+    import json
+
+    from gemma4_bridge.cli import main
+
+    code = main(["verify", "--server", server["url"], "--model", "text", "--base", str(tiny_dir), "--adapter", str(text_adapter),
+                 "--tolerance", "1e-3", "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    assert [(p["probe"], p["verdict"]) for p in report["probes"]] == [("text", "ok"), ("image", "ok"), ("audio", "ok")], report
+    assert all(p["max_diff"] < 1e-3 and p["adapter_effect"] > 0.01 for p in report["probes"]), report
+
+
 def test_zz_clean_shutdown_leaves_no_processes(server: dict[str, Any]) -> None:
     """SIGTERM to the server's process group: it exits and no process of its session survives."""
     proc = server["proc"]
-    _stop(proc)
+    stop(proc)
     assert proc.returncode is not None
-    assert _session_members(proc.pid) == []
+    assert session_members(proc.pid) == []
