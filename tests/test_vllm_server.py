@@ -33,10 +33,11 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, text_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    snapshots = tmp_path_factory.mktemp("snapshots")
+    snapshots, lora_dir = tmp_path_factory.mktemp("snapshots"), tmp_path_factory.mktemp("lora_dir")
     args = ["--lora-modules", f"text={text_adapter}", "--limit-mm-per-prompt", '{"image": 1, "audio": 1}']
-    with api_server(tiny_dir, args, tmp_path_factory.mktemp("server") / "server.log", {"GEMMA4_BRIDGE_SNAPSHOT_DIR": str(snapshots)}) as info:
-        yield {**info, "snapshots": snapshots}
+    env = {"GEMMA4_BRIDGE_SNAPSHOT_DIR": str(snapshots), "GEMMA4_BRIDGE_LORA_DIR": str(lora_dir)}
+    with api_server(tiny_dir, args, tmp_path_factory.mktemp("server") / "server.log", env) as info:
+        yield {**info, "snapshots": snapshots, "lora_dir": lora_dir}
 
 
 def _complete(url: str, model: str, token_ids: list[int]) -> requests.Response:
@@ -287,6 +288,25 @@ def test_load_with_faults_serves_solo_numbers(server: dict[str, Any], tiny_dir: 
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
     for combo in combos:
         assert float((_chat_logprobs(url, *combo) - solo[combo]).abs().max()) < 1e-4
+
+
+def test_resolver_serves_adapters_by_name(server: dict[str, Any], tiny_dir: Path, text_adapter: Path) -> None:
+    """Issue 13.3: with GEMMA4_BRIDGE_LORA_DIR, a request naming an adapter in that folder loads it on
+    first use: here a raw flavour ('.default.' keys) whose base_model_name_or_path is a hub id, which
+    vLLM's own filesystem resolver refuses; served like PEFT. A broken one (NaN) gets 400 with the
+    fix, an unknown name 404, and the server keeps serving."""
+    url, folder = server["url"], server["lora_dir"]
+    write_variant(text_adapter, folder / "by-name", rename=default_adapter_name, config_update={"base_model_name_or_path": "google/gemma-4-E4B-it"})
+    _nan_copy(text_adapter, folder / "broken")
+    ids, ref, _ = hf_prompt_logprobs(hf_model(tiny_dir, text_adapter), hf_inputs(tiny_dir, "text"))
+    lp, _ = _served_logprobs(_complete(url, "by-name", ids), ids)
+    assert float((lp - ref).abs().max()) < TOL
+    assert "by-name" in [m["id"] for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]]
+    r = _complete(url, "broken", ids)
+    assert r.status_code == 400 and "NaN" in r.text and "Fix:" in r.text, r.text
+    assert _complete(url, "no-such-adapter", ids).status_code == 404
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    assert _complete(url, "text", ids).status_code == 200
 
 
 def test_verify_passes_the_plugin_server(server: dict[str, Any], tiny_dir: Path, text_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -64,6 +64,9 @@ def register() -> None:
     from . import hooks
 
     hooks.install()
+    from .resolver import register_resolver
+
+    register_resolver()
     for arch, target in ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
     _registered = True

@@ -35,6 +35,10 @@ check, so an upstream change fails a test instead of silently bypassing the plug
 * ``OpenAIServingModels.load_lora_adapter`` (API server, ``POST /v1/load_lora_adapter`` and
   ``--lora-modules``): the same check before vLLM hands the directory to the engine, answered as
   HTTP 400 with the bridge's message (vLLM would answer 500 after a traceback in the worker).
+* ``OpenAIServingModels.resolve_lora`` (API server, a request naming an unknown adapter with
+  runtime updating on): an adapter that :mod:`.resolver` finds in ``GEMMA4_BRIDGE_LORA_DIR`` is
+  checked the same way first, so a refused one answers 400 with the bridge's message and fix
+  (vLLM would answer a bare "could not be loaded" after a worker traceback).
 * ``EngineCore.add_request`` (engine core): a Gemma 4 request whose adapter is not in the worker's
   cache (first use, or evicted) loads it on arrival, outside any model step; if the worker refuses
   it (say its snapshot was tampered with), that request alone finishes with an error (inside a
@@ -124,6 +128,9 @@ def install() -> None:
     if needed("frontend_load_lora_adapter"):
         _ORIGINALS["frontend_load_lora_adapter"] = OpenAIServingModels.load_lora_adapter
         OpenAIServingModels.load_lora_adapter = _load_lora_adapter  # type: ignore[method-assign]
+    if needed("frontend_resolve_lora"):
+        _ORIGINALS["frontend_resolve_lora"] = OpenAIServingModels.resolve_lora
+        OpenAIServingModels.resolve_lora = _resolve_lora  # type: ignore[method-assign]
     if needed("engine_add_request"):
         _ORIGINALS["engine_add_request"] = EngineCore.add_request
         EngineCore.add_request = _engine_add_request  # type: ignore[method-assign]
@@ -331,3 +338,19 @@ async def _load_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any)
             return create_error_response(f"LoRA adapter '{request.lora_name}': {err}")
     return await _ORIGINALS["frontend_load_lora_adapter"](self, request, *args, **kwargs)
 
+
+
+async def _resolve_lora(self: Any, lora_name: str, *args: Any, **kwargs: Any) -> Any:
+    """Check an adapter the package's resolver would hand to vLLM; refuse it with 400 and the fix."""
+    from .resolver import adapter_dir
+
+    path = adapter_dir(lora_name)
+    if path is not None and lora_name not in self.lora_requests:
+        try:
+            _validated_path(self.input_processor, str(path))
+        except BridgeError as err:
+            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+            logger.warning("gemma4-bridge: refused to resolve LoRA adapter '%s': %s", lora_name, err)
+            return create_error_response(f"LoRA adapter '{lora_name}': {err}")
+    return await _ORIGINALS["frontend_resolve_lora"](self, lora_name, *args, **kwargs)

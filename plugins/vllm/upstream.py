@@ -68,6 +68,8 @@ HOOKS: dict[str, Hook] = {
     "frontend_load_lora_adapter": Hook("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter",
                                        ("self", "request"), bug="worker_adapter_errors"),
     "engine_add_request": Hook("vllm.v1.engine.core", "EngineCore.add_request", ("self", "request"), bug="worker_adapter_errors"),
+    # Adapters found by name (resolver.py) are checked by the planner first: 400 with the fix, not a worker error.
+    "frontend_resolve_lora": Hook("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora", ("self", "lora_name")),
     "rename_mapper": Hook("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",), patched=False),
     "cpu_bgmv_shrink": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
     "cpu_bgmv_expand": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
