@@ -12,19 +12,27 @@ examples:
   gemma4-bridge demo                      # everything, in a temporary directory (~3-4 min on 2 cores)
   gemma4-bridge demo --workdir demo-out   # keep the model, adapters and converted outputs
   gemma4-bridge demo --skip-zero3         # without the DeepSpeed run (~1 min)
+  gemma4-bridge demo --verbose            # also show vLLM's, transformers' and DeepSpeed's own logs
+
+Third-party logs (vLLM, Triton, transformers, DeepSpeed) go to WORKDIR/demo.log unless --verbose;
+the result table is the last thing printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import sys
 import tempfile
+import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from gemma4_bridge.output import atomic_output_dir
 
@@ -43,23 +51,53 @@ class Row:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, help="where to write the model and adapters (default: a temp dir)")
     parser.add_argument("--skip-zero3", action="store_true", help="skip the real DeepSpeed ZeRO-3 run (~90 s)")
+    parser.add_argument("--verbose", action="store_true", help="show third-party logs instead of writing them to WORKDIR/demo.log")
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable; set INFO to see vLLM's log
     work = args.workdir or Path(tempfile.mkdtemp(prefix="gemma4-bridge-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    print(f"[demo] working in {work}")
-    model, adapters = _build(work, skip_zero3=args.skip_zero3)
-    rows = _serve_and_compare(model, adapters)
+    with _third_party_output(None if args.verbose else work / "demo.log") as say:
+        say(f"[demo] working in {work}" + ("" if args.verbose else f" (third-party logs: {work / 'demo.log'})"))
+        model, adapters = _build(work, skip_zero3=args.skip_zero3, say=say)
+        rows = _serve_and_compare(model, adapters, say=say)
+        say(f"[demo] done in {time.monotonic() - t0:.0f} s")
     _print_table(rows)
-    print(f"[demo] done in {time.monotonic() - t0:.0f} s")
     bad = [r for r in rows if r.max_diff is not None and r.max_diff >= TOL]
     return 1 if bad else 0
+
+
+@contextlib.contextmanager
+def _third_party_output(log: Path | None) -> Iterator[Any]:
+    """Yield ``say(line)`` for the demo's own progress lines. With ``log``, everything else written
+    to stdout/stderr meanwhile (vLLM, Triton, transformers, DeepSpeed, by Python or by native code and
+    child processes) goes to that file, redirected at the file-descriptor level."""
+    if log is None:
+        yield lambda line: print(line, flush=True)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    console: IO[str] = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    try:
+        with log.open("a") as sink:
+            for fd in (1, 2):
+                os.dup2(sink.fileno(), fd)
+            try:
+                yield lambda line: print(line, file=console, flush=True)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                for fd, copy in saved.items():
+                    os.dup2(copy, fd)
+    finally:
+        console.close()
+        for copy in saved.values():
+            os.close(copy)
 
 
 # -- adapters ------------------------------------------------------------------------------------
@@ -72,12 +110,12 @@ class DemoAdapter:
     fixed: str = ""
 
 
-def _build(work: Path, *, skip_zero3: bool) -> tuple[Path, list[DemoAdapter]]:
+def _build(work: Path, *, skip_zero3: bool, say: Any = print) -> tuple[Path, list[DemoAdapter]]:
     from gemma4_bridge.testing.fixtures import build_tiny_gemma4, write_peft_adapter
 
     model = work / "model"
     if not (model / "config.json").is_file():
-        print("[demo] building the tiny Gemma 4 (text + vision + audio)")
+        say("[demo] building the tiny Gemma 4 (text + vision + audio)")
         build_tiny_gemma4(model)
     src = work / "adapters"
     src.mkdir(exist_ok=True)
@@ -93,7 +131,7 @@ def _build(work: Path, *, skip_zero3: bool) -> tuple[Path, list[DemoAdapter]]:
         DemoAdapter("PEFT all-linear (audio relative_k_proj)", all_linear, all_linear),
     ]  # fmt: skip
     if not skip_zero3:
-        out.append(_zero3(model, work))
+        out.append(_zero3(model, work, say))
     for a in out:
         _inspect_and_convert(a, model, work / "converted")
     return model, out
@@ -131,13 +169,13 @@ def _kv_shared_extras(src: Path, out: Path) -> Path:
     return out
 
 
-def _zero3(model: Path, work: Path) -> DemoAdapter:
+def _zero3(model: Path, work: Path, say: Any = print) -> DemoAdapter:
     from gemma4_bridge.testing.zero3_job import run_zero3_job
 
     run_dir = work / "zero3"
     damaged = run_dir / "checkpoint-2"
     if not (damaged / "adapter_config.json").is_file():
-        print("[demo] training a LoRA with DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), ~90 s")
+        say("[demo] training a LoRA with DeepSpeed ZeRO-3 on 2 CPU ranks (gloo), ~90 s")
         # relative_k_proj excluded: vLLM cannot serve LoRA on that positional linear (see the all-linear row).
         result = run_zero3_job(model, run_dir, steps=2, world_size=2, exclude_modules=["relative_k_proj"])
         damaged = result.damaged_adapter
@@ -162,8 +200,8 @@ def _inspect_and_convert(a: DemoAdapter, model: Path, out_root: Path) -> None:
 
 
 # -- serving ---------------------------------------------------------------------------------------
-def _serve_and_compare(model: Path, adapters: list[DemoAdapter]) -> list[Row]:
-    print("[demo] starting vLLM (CPU, float32) with the gemma4-bridge plugin and tower LoRA enabled")
+def _serve_and_compare(model: Path, adapters: list[DemoAdapter], say: Any = print) -> list[Row]:
+    say("[demo] starting vLLM (CPU, float32) with the gemma4-bridge plugin and tower LoRA enabled")
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -183,6 +221,11 @@ def _serve_and_compare(model: Path, adapters: list[DemoAdapter]) -> list[Row]:
         except Exception as err:  # the plugin refused it: show why instead of a number
             message = re.sub(r"^LoRA adapter '[^']*': \S+: ", "", str(err).split(" Fix: ")[0])
             rows.append(Row(a.name, a.flavour, f"{a.fixed}; refused at load: {message}", None))
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()  # its shutdown logs belong before the table
+    del llm
+    gc.collect()
     return rows
 
 
@@ -237,12 +280,22 @@ def max_logprob_diff(llm: Any, params: Any, prompts: dict[str, Any], request: An
     return worst
 
 
-def _print_table(rows: list[Row]) -> None:
-    headers = ("adapter", "flavour", "what was fixed", "max |dlogprob| vs PEFT")
+WIDTHS = (24, 46, 18)  # flavour, what was fixed, number; longer cells wrap onto continuation lines
+
+
+def _print_table(rows: list[Row], out: IO[str] | None = None) -> None:
+    """One row per adapter; the adapter column fits the longest name, other cells wrap (nothing is cut)."""
+    headers = ("adapter", "flavour", "what was fixed", "|dlogprob| vs PEFT")
     cells = [(r.name, r.flavour, r.fixed, "refused" if r.max_diff is None else f"{r.max_diff:.1e}") for r in rows]
-    widths = [min(110 if i == 2 else 45, max(len(h), *(len(c[i]) for c in cells))) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    print("\n" + line + "\n" + "-" * len(line))
+    widths = (max(len(c[0]) for c in [headers, *cells]), *WIDTHS)
+    lines = ["", f"max |prompt log-prob difference| vs transformers + PEFT over text, image and audio prompts (tolerance {TOL:g}):",
+             *_row_lines(headers, widths), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     for c in cells:
-        print("  ".join(v[:w].ljust(w) for v, w in zip(c, widths, strict=True)))
-    print(json.dumps({"tolerance": TOL}))
+        lines += _row_lines(c, widths)
+    print("\n".join(lines), file=out or sys.stdout, flush=True)
+
+
+def _row_lines(cells: tuple[str, ...], widths: tuple[int, ...]) -> list[str]:
+    wrapped = [textwrap.wrap(v, w, break_long_words=True) or [""] for v, w in zip(cells, widths, strict=True)]
+    depth = max(len(w) for w in wrapped)
+    return ["  ".join((w[i] if i < len(w) else "").ljust(width) for w, width in zip(wrapped, widths, strict=True)).rstrip() for i in range(depth)]
