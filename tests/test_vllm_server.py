@@ -187,7 +187,7 @@ def test_adapter_problem_in_worker_fails_that_request_only(server: dict[str, Any
     assert _complete(url, "text", ids).status_code == 200
 
 
-def _chat_body(model: str, kind: str) -> dict[str, Any]:
+def _chat_body(model: str, kind: str, seed: int = 0) -> dict[str, Any]:
     """A one-token chat request with prompt log-probs: text, or text + an image (PNG) / audio clip (WAV)."""
     import base64
     import io
@@ -197,17 +197,17 @@ def _chat_body(model: str, kind: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = [{"type": "text", "text": PROMPTS[kind]}]
     buf = io.BytesIO()
     if kind == "image":
-        media(0)["image"].save(buf, format="PNG")
+        media(seed)["image"].save(buf, format="PNG")
         content.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
     elif kind == "audio":
-        soundfile.write(buf, media(0)["audio"], 16000, format="WAV", subtype="FLOAT")
+        soundfile.write(buf, media(seed)["audio"], 16000, format="WAV", subtype="FLOAT")
         content.append({"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()}})
     return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0,
             "prompt_logprobs": 0, "return_token_ids": True}  # fmt: skip
 
 
-def _chat_logprobs(url: str, model: str, kind: str) -> torch.Tensor:
-    r = requests.post(f"{url}/v1/chat/completions", json=_chat_body(model, kind), timeout=300)
+def _chat_logprobs(url: str, model: str, kind: str, seed: int = 0) -> torch.Tensor:
+    r = requests.post(f"{url}/v1/chat/completions", json=_chat_body(model, kind, seed), timeout=300)
     r.raise_for_status()
     out = r.json()
     ids = out["prompt_token_ids"]
@@ -234,7 +234,7 @@ LOAD_REQUESTS, LOAD_CLIENTS = 200, 8
 
 def test_load_with_faults_serves_solo_numbers(server: dict[str, Any], tiny_dir: Path, text_adapter: Path, tmp_path: Path) -> None:
     """Issue 14.9: 200 chat requests from 8 clients, mixing the static adapter, a runtime-loaded raw
-    flavour and no adapter over text, image and audio prompts, while another client loads 6 kinds of
+    flavour and no adapter over text, image and audio prompts (15 distinct requests), while another client loads 6 kinds of
     bad adapters and loads/unloads a valid one in a loop. Every valid request succeeds with the
     log-probs the same request gets alone; every bad load is refused (4xx); the server stays healthy.
     The figures go to the README ("Reliability")."""
@@ -245,7 +245,8 @@ def test_load_with_faults_serves_solo_numbers(server: dict[str, Any], tiny_dir: 
     raw = write_variant(text_adapter, tmp_path / "raw_load", rename=default_adapter_name)
     requests.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "raw_load"}, timeout=60)
     assert _load(url, "raw_load", raw).status_code == 200
-    combos = [(m, k) for m in (str(tiny_dir), "text", "raw_load") for k in ("text", "image", "audio")]
+    kinds = [("text", 0), ("image", 0), ("image", 1), ("audio", 0), ("audio", 1)]  # two images, two clips
+    combos = [(m, k, seed) for m in (str(tiny_dir), "text", "raw_load") for k, seed in kinds]
     solo = {c: _chat_logprobs(url, *c) for c in combos}
     bad = _bad_adapters(tiny_dir, text_adapter, tmp_path)
     churn = write_variant(text_adapter, tmp_path / "churn", transform=lambda k, v: v * 0.7)
