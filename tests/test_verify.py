@@ -20,7 +20,7 @@ import pytest
 from server_helpers import api_server, free_port
 
 from gemma4_bridge.cli import main
-from gemma4_bridge.fixtures import write_peft_adapter
+from gemma4_bridge.testing.fixtures import write_peft_adapter
 
 pytestmark = pytest.mark.vllm
 
