@@ -79,3 +79,26 @@ def test_unreachable_server_exits_2_with_one_line(tiny_dir: Path, text_adapter: 
     code, out, err = _verify(capsys, "--server", url, "--model", "x", "--base", str(tiny_dir), "--adapter", str(text_adapter))
     assert code == 2 and not out
     assert len(err.strip().splitlines()) == 1 and "cannot reach the server" in err, err
+
+
+def test_verdicts_and_report_without_a_server() -> None:
+    """The three numeric verdicts from known log-probs, and the printed report's last line."""
+    import torch
+
+    from gemma4_bridge.verify import NOT_APPLIED, OK, WRONG, Report, format_report, judge
+
+    ref, base = torch.tensor([0.1, 0.3]), torch.tensor([0.4, 0.2])
+    ok = judge("a", ref + 1e-4, ref, base, 3, 3, 0.05)
+    not_applied = judge("b", base.clone(), ref, base, 3, 3, 0.05)
+    wrong = judge("c", torch.tensor([0.25, 0.25]), ref, base, 3, 3, 0.05)
+    greedy = judge("d", ref.clone(), ref, base, 3, 4, 0.05)
+    assert [r.verdict for r in (ok, not_applied, wrong, greedy)] == [OK, NOT_APPLIED, WRONG, WRONG]
+    report = Report("http://x", "vllm", "m", 0.05, [ok, not_applied])
+    assert not report.ok and format_report(report).splitlines()[-1] == "result: MISMATCH: b: adapter not applied"
+
+
+def test_bad_probes_file_exits_2_with_one_line(tmp_path: Path, tiny_dir: Path, text_adapter: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "p.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    code, out, err = _verify(capsys, "--server", "http://127.0.0.1:9", "--model", "x", "--base", str(tiny_dir), "--adapter", str(text_adapter),
+                             "--prompts", str(tmp_path / "p.jsonl"))  # fmt: skip
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1 and "p.jsonl:2" in err, err
