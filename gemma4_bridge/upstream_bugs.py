@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import json
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -346,3 +348,24 @@ def report() -> list[dict[str, object]]:
             "summary": bug.summary, "reference": bug.reference, "action": bug.action if finding.present else "nothing (not present)",
         })
     return rows
+
+
+def reference_attn_implementation(model_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Eager attention everywhere; the audio tower gets transformers' "sdpa" mask where eager's is wrong.
+
+    ``Gemma4AudioAttention`` masks with ``masked_fill(mask.logical_not(), ...)``, i.e. it expects the
+    boolean mask the sdpa mask builder makes. Up to transformers 5.23, under "eager" the builder
+    returned an additive float mask (0 allowed / -3.4e38 masked), so the audio tower attended
+    exactly where it should not (0.42 logprob on the tiny model). 5.24 fixed eager and refuses
+    "sdpa" for the audio tower, so the choice follows the probe in :mod:`gemma4_bridge.upstream_bugs`.
+    vLLM builds the tower with the boolean mask, i.e. correctly.
+    """
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    if config.get("model_type") == "gemma4_text":
+        return {"": "eager"}
+    impl = {"text_config": "eager"}
+    if config.get("vision_config"):
+        impl["vision_config"] = "eager"
+    if config.get("audio_config"):
+        impl["audio_config"] = "sdpa" if present("transformers-eager-audio-mask") else "eager"
+    return impl

@@ -129,7 +129,7 @@ class Reference:
         from transformers import AutoProcessor
 
         from gemma4_bridge.converters import convert_adapter
-        from gemma4_bridge.testing.fixtures import reference_attn_implementation
+        from gemma4_bridge.upstream_bugs import reference_attn_implementation
 
         config = json.loads((base / "config.json").read_text())
         cls = getattr(transformers, (config.get("architectures") or ["Gemma4ForConditionalGeneration"])[0])

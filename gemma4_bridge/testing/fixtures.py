@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gemma4_bridge.upstream_bugs import reference_attn_implementation
+
 VOCAB_SIZE = 512
 SPECIAL_TOKENS: dict[str, str] = {
     "pad_token": "<pad>",
@@ -251,32 +253,9 @@ def variant(**changes: Any) -> TinySpec:
     return replace(TinySpec(), **changes)
 
 
-def reference_attn_implementation(model_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Eager attention everywhere; the audio tower gets transformers' "sdpa" mask where eager's is wrong.
-
-    ``Gemma4AudioAttention`` masks with ``masked_fill(mask.logical_not(), ...)``, i.e. it expects the
-    boolean mask the sdpa mask builder makes. Up to transformers 5.23, under "eager" the builder
-    returned an additive float mask (0 allowed / -3.4e38 masked), so the audio tower attended
-    exactly where it should not (0.42 logprob on the tiny model). 5.24 fixed eager and refuses
-    "sdpa" for the audio tower, so the choice follows the probe in :mod:`gemma4_bridge.upstream_bugs`.
-    vLLM builds the tower with the boolean mask, i.e. correctly.
-    """
-    from gemma4_bridge.upstream_bugs import present
-
-    config = json.loads(Path(model_dir, "config.json").read_text())
-    if config.get("model_type") == "gemma4_text":
-        return {"": "eager"}
-    impl = {"text_config": "eager"}
-    if config.get("vision_config"):
-        impl["vision_config"] = "eager"
-    if config.get("audio_config"):
-        impl["audio_config"] = "sdpa" if present("transformers-eager-audio-mask") else "eager"
-    return impl
-
-
 def load_tiny_model(model_dir: str | os.PathLike[str]) -> Any:
     """Load a fixture (or any Gemma 4 dir) in float32, eager attention (audio: see
-    :func:`reference_attn_implementation`): bitwise-reproducible logits."""
+    gemma4_bridge.upstream_bugs.reference_attn_implementation): bitwise-reproducible logits."""
     import torch
     from transformers import Gemma4ForCausalLM, Gemma4ForConditionalGeneration
 
