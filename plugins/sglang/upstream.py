@@ -20,8 +20,13 @@ SUPPORTED_SGLANG_RANGE = ">=0.5.23,<0.5.24"
 SUPPORTED_SGLANG = SpecifierSet(SUPPORTED_SGLANG_RANGE)
 
 ARCH = "Gemma4ForConditionalGeneration"
-# The built-in class we subclass (SGLang matches processors and server checks by its name).
-UPSTREAM_MODEL = "sglang.srt.models.gemma4_mm:Gemma4ForConditionalGeneration"
+UNIFIED_ARCH = "Gemma4UnifiedForConditionalGeneration"  # 12B Unified: a subclass of the built-in ARCH class
+# The built-in classes we subclass, by architecture (SGLang matches processors and server checks by name).
+UPSTREAM_MODELS = {
+    ARCH: "sglang.srt.models.gemma4_mm:Gemma4ForConditionalGeneration",
+    UNIFIED_ARCH: "sglang.srt.models.gemma4_unified:Gemma4UnifiedForConditionalGeneration",
+}
+UPSTREAM_MODEL = UPSTREAM_MODELS[ARCH]
 # Model class resolution: we make sure our class is the registry's entry just before this runs.
 RESOLVE_MODEL = "sglang.srt.model_loader.utils.get_model_architecture"
 # Adapter loading from disk (--lora-paths, POST /load_lora_adapter): we read and normalise the

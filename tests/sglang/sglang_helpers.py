@@ -80,7 +80,7 @@ def describe(cls):
 report = {"ok": describe(ModelRegistry.resolve_model_cls(["Gemma4ForConditionalGeneration"])[0])}
 # A broken install: an import error inside the package, then SGLang's own registry scan again.
 import gemma4_bridge.plugins.sglang as pkg
-pkg._entry_class = None
+pkg._entry_classes.clear()
 for name in ("gemma4_bridge.plugins.sglang.model", "gemma4_bridge.plugins.sglang.gemma4_mm"):
     sys.modules.pop(name, None)
 sys.modules["gemma4_bridge.plugins.sglang.model"] = None

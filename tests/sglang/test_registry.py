@@ -68,7 +68,7 @@ def test_plugin_route_import_error_is_visible(plugins_loaded: None, monkeypatch:
     import gemma4_bridge.plugins.sglang as pkg
     from gemma4_bridge.errors import BridgeError
 
-    monkeypatch.setattr(pkg, "_entry_class", None)
+    monkeypatch.setattr(pkg, "_entry_classes", {})
     monkeypatch.setitem(sys.modules, "gemma4_bridge.plugins.sglang.model", None)  # import error inside the package
     try:
         with caplog.at_level(logging.ERROR):
@@ -80,7 +80,7 @@ def test_plugin_route_import_error_is_visible(plugins_loaded: None, monkeypatch:
         assert "the SGLang Gemma 4 class could not be loaded" in caplog.text
     finally:
         monkeypatch.undo()
-        pkg._entry_class = None
+        pkg._entry_classes.clear()
         assert _resolve_with_sglang().__module__ == OURS  # restored for the other tests
 
 

@@ -1,0 +1,131 @@
+"""The Gemma 4 family through the SGLang class (SGLang 0.5.23, CPU: no server, see conftest.py).
+
+SGLang 0.5.23 has classes for every member: ``gemma4_mm.Gemma4ForConditionalGeneration`` runs the
+26B-A4B MoE (its language model builds ``Gemma4MoE``) and the 31B; ``gemma4_unified`` has the 12B
+Unified, a subclass of the multimodal class (same LoRA: language model only, same sizing bugs).
+Here: SGLang resolves both architectures to gemma4-bridge's classes; each member's language-model
+adapter is prepared for SGLang's loader with PEFT's deltas (V of k_eq_v layers gets k_proj's);
+expert LoRA (every form) and Unified embedder LoRA are refused naming ``gemma4-bridge merge``,
+exactly as ``inspect`` predicts for the SGLang class. Not run: SGLang's MoE kernels (GPU only).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from family_helpers import per_expert_form
+
+from gemma4_bridge.testing.family import EXPERT_PARAMETERS, NUM_EXPERTS, build_family_member, family_spec, load_family_model, write_family_adapter
+
+ARCHES = {"Gemma4ForConditionalGeneration": "gemma4_mm", "Gemma4UnifiedForConditionalGeneration": "gemma4_unified"}
+SGLANG_CLASS = "SGLang 0.5.23 + gemma4-bridge class"
+PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """{member: {"model", "text", and the adapters SGLang must refuse}}."""
+    out: dict[str, dict[str, Path]] = {}
+    for member in ("moe", "dense", "unified"):
+        root = tmp_path_factory.mktemp(member)
+        model = build_family_member(root / "model", family_spec(member))
+        out[member] = {"model": model, "text": write_family_adapter(model, root / "text", seed=11)}
+    moe = out["moe"]
+    moe["experts"] = write_family_adapter(moe["model"], moe["model"].parent / "experts", target_parameters=EXPERT_PARAMETERS, seed=12)
+    moe["per_expert"] = per_expert_form(moe["experts"], moe["model"].parent / "per_expert", NUM_EXPERTS, fused_gate_up=False)
+    unified = out["unified"]
+    unified["embedders"] = write_family_adapter(
+        unified["model"], unified["model"].parent / "embedders", target_modules=r".*(language_model.*\.q_proj|patch_dense|embedding_projection)", seed=13
+    )
+    return out
+
+
+@pytest.mark.parametrize("arch", list(ARCHES))
+def test_sglang_resolves_family_classes_to_ours(arch: str) -> None:
+    import importlib
+
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()  # before SGLang's model loader is imported: that is when the plugin hook applies
+    from sglang.srt.configs.model_config import ModelImpl
+    from sglang.srt.model_loader.utils import get_model_architecture
+
+    config = SimpleNamespace(hf_config=SimpleNamespace(architectures=[arch]), quantization=None, model_impl=ModelImpl.AUTO, is_embedding_gemma=False)
+    cls = get_model_architecture(config)[0]
+    builtin = getattr(importlib.import_module(f"sglang.srt.models.{ARCHES[arch]}"), arch)
+    assert (cls.__module__, cls.__name__) == ("gemma4_bridge.plugins.sglang.model", arch)
+    assert issubclass(cls, builtin) and cls is not builtin
+    assert cls.get_hidden_dim is not builtin.get_hidden_dim  # per-layer sizes, not the top-level config's
+
+
+def _peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = PeftModel.from_pretrained(load_family_model(model_dir), adapter)
+    return {
+        name.removeprefix("base_model.model."): module.get_delta_weight("default").double()
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_A
+    }
+
+
+@pytest.mark.parametrize("member", ["moe", "dense", "unified"])
+def test_language_model_lora_prepared_with_peft_deltas(member: str, members: dict[str, dict[str, Path]]) -> None:
+    """What SGLang's loader receives holds PEFT's delta for every text-layer slice SGLang applies."""
+    from gemma4_bridge.converters.inspect import inspect_adapter
+    from gemma4_bridge.layout import Gemma4Layout
+    from gemma4_bridge.plugins.sglang.adapter import prepare_adapter
+    from gemma4_bridge.plugins.sglang.dims import lora_dims
+
+    paths = members[member]
+    layout = Gemma4Layout.from_model_dir(paths["model"])
+    verdict = {v.server: v for v in inspect_adapter(paths["text"], base=paths["model"]).verdicts}[SGLANG_CLASS]
+    assert verdict.status == "loads", verdict.notes
+    prepared = prepare_adapter(paths["text"], layout)
+    scaling = prepared.config["lora_alpha"] / prepared.config["r"]
+    peft = _peft_deltas(paths["model"], paths["text"])
+    checked = 0
+    for text_layer in layout.text_layers:
+        for leaf, parent in PARENT.items():
+            path = f"model.language_model.layers.{text_layer.index}.{parent}.{leaf}"
+            a = prepared.tensors.get(f"base_model.model.{path}.lora_A.weight")
+            if a is None:
+                continue
+            got = scaling * prepared.tensors[f"base_model.model.{path}.lora_B.weight"].double() @ a.double()
+            source = path.replace("v_proj", "k_proj") if leaf == "v_proj" and text_layer.v_is_k_proj else path
+            want = peft.get(source)
+            if want is None:  # KV-shared layer: SGLang keeps K/V columns transformers does not have
+                assert text_layer.kv_role == "reuse" and not torch.count_nonzero(got)
+                continue
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, p=path: f"{member} {p}: {m}")
+            checked += 1
+        for module in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):  # buffer sizes from the real weights
+            assert lora_dims(layout, module, text_layer.index)[0] > 0
+    assert checked >= 5 * len(layout.text_layers) - 2 * len(layout.kv_shared_layers)
+    if member != "unified":
+        assert layout.k_eq_v_layers and prepared.k_eq_v_layers  # V got k_proj's LoRA somewhere
+
+
+@pytest.mark.parametrize(("member", "adapter", "what"), [
+    ("moe", "experts", r"MoE expert parameters"),
+    ("moe", "per_expert", r"MoE expert parameters"),
+    ("unified", "embedders", r"language model only"),
+])  # fmt: skip
+def test_expert_and_embedder_lora_refused_naming_merge(member: str, adapter: str, what: str, members: dict[str, dict[str, Path]]) -> None:
+    from gemma4_bridge.converters.inspect import inspect_adapter
+    from gemma4_bridge.errors import BridgeError
+    from gemma4_bridge.layout import Gemma4Layout
+    from gemma4_bridge.plugins.sglang.adapter import prepare_adapter
+
+    paths = members[member]
+    verdict = {v.server: v for v in inspect_adapter(paths[adapter], base=paths["model"]).verdicts}[SGLANG_CLASS]
+    assert verdict.status == "fails" and re.search(what, " ".join(verdict.notes))  # inspect prints the message
+    with pytest.raises(BridgeError, match=what) as err:
+        prepare_adapter(paths[adapter], Gemma4Layout.from_model_dir(paths["model"]))
+    assert "gemma4-bridge merge" in str(err.value)
