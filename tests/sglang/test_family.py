@@ -61,6 +61,13 @@ def test_sglang_resolves_family_classes_to_ours(arch: str) -> None:
     assert (cls.__module__, cls.__name__) == ("gemma4_bridge.plugins.sglang.model", arch)
     assert issubclass(cls, builtin) and cls is not builtin
     assert cls.get_hidden_dim is not builtin.get_hidden_dim  # per-layer sizes, not the top-level config's
+    from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration as Multimodal
+
+    # What the Unified class relies on upstream: SGLang's Unified LoRA is the multimodal class's
+    # (language-model layers only), so the same sizing and loading fixes apply to it.
+    assert issubclass(builtin, Multimodal) and builtin.should_apply_lora is Multimodal.should_apply_lora
+    assert cls.should_apply_lora(cls, "language_model.layers.0.self_attn.qkv_proj")
+    assert not cls.should_apply_lora(cls, "embed_vision.embedding_projection")
 
 
 def _peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
