@@ -11,9 +11,13 @@ exactly as ``inspect`` predicts for the SGLang class. Not run: SGLang's MoE kern
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -136,3 +140,50 @@ def test_expert_and_embedder_lora_refused_naming_merge(member: str, adapter: str
     with pytest.raises(BridgeError, match=what) as err:
         prepare_adapter(paths[adapter], Gemma4Layout.from_model_dir(paths["model"]))
     assert "gemma4-bridge merge" in str(err.value)
+
+
+@contextmanager
+def _published_for(sglang_cpu: Any, model_dir: Path) -> Iterator[Any]:
+    """SGLang's runtime context for ``model_dir`` (the session's is restored afterwards)."""
+    from sglang.test.parallel_groups import publish
+
+    server_args = copy.copy(sglang_cpu)
+    server_args.model_path = str(model_dir)
+    publish(server_args, role="test")
+    try:
+        yield server_args
+    finally:
+        publish(sglang_cpu, role="test")
+
+
+@pytest.mark.parametrize("member", ["moe", "dense"])
+def test_sglang_builds_member_with_real_lora_sizes(member: str, members: dict[str, dict[str, Path]], sglang_cpu: Any) -> None:
+    """Our class builds the 26B-A4B-shaped MoE (SGLang's Gemma4MoE) and the 31B-like model on CPU,
+    and the LoRA buffer size it reports for every text layer is the real module's."""
+    from sglang_helpers import build_sglang_model
+
+    from gemma4_bridge.plugins.sglang import load_entry_class
+
+    with _published_for(sglang_cpu, members[member]["model"]) as server_args:
+        model, _ = build_sglang_model(server_args, load_entry_class())
+    for index, layer in enumerate(model.language_model.layers):
+        for parent, module in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
+            base = getattr(getattr(layer, parent), module)
+            assert model.get_hidden_dim(module, index) == (base.input_size, base.output_size), (member, index, module)
+    if member == "moe":
+        assert all(layer.moe is not None for layer in model.language_model.layers)
+
+
+def test_sglang_cannot_build_unified_from_a_transformers_checkpoint(members: dict[str, dict[str, Path]], sglang_cpu: Any) -> None:
+    """Measured limit of SGLang 0.5.23: it parses ``gemma4_unified`` configs with the tower model's
+    Gemma4Config (an alias in its config registry), so the vision config lacks Unified's
+    ``model_patch_size`` and its Unified class fails to build. Fails when SGLang fixes it."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    from gemma4_bridge.plugins.sglang import load_entry_class
+
+    with _published_for(sglang_cpu, members["unified"]["model"]) as server_args:
+        model_config = ModelConfig.from_server_args(server_args)
+        assert type(model_config.hf_config.vision_config).__name__ == "Gemma4VisionConfig"
+        with pytest.raises(AttributeError, match="model_patch_size"):
+            load_entry_class("Gemma4UnifiedForConditionalGeneration")(config=model_config.hf_config, quant_config=None)
