@@ -212,7 +212,12 @@ class ExpertPlanner:
 
     def damaged_keys(self) -> list[str]:
         """Source keys of PEFT-form expert tensors with zero elements (saved under ZeRO-3 ungathered)."""
-        return [key for depths in self.peft.values() for parts in depths.values() for key, shape, _ in parts.values() if 0 in shape]
+        return [key for key, shape in self.peft_keys() if 0 in shape]
+
+    def peft_keys(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Source keys and shapes of every PEFT-form expert tensor: the form a ZeRO-3 checkpoint holds
+        (per-expert 2-D LoRAs come from other exporters, never from a DeepSpeed run of this model)."""
+        return [(key, shape) for depths in self.peft.values() for parts in depths.values() for key, shape, _ in parts.values()]
 
     def canonical_key(self, key: str) -> str | None:
         """The canonical key of a PEFT-form expert tensor named ``key`` (e.g. a DeepSpeed checkpoint

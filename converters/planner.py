@@ -260,35 +260,38 @@ class Planner:
         for res, _, _ in resolved:
             if res.canonical_key in by_canonical:
                 names[res.canonical_key] = by_canonical[res.canonical_key][0]
-        for key in expert_damaged:
+        expert_intact: list[tuple[str, str]] = []  # (source key, canonical key) checked against the step below
+        for key, shape in self.expert_planner.peft_keys():
             ckey = self.expert_planner.canonical_key(key)
             if ckey in by_canonical:
                 names[ckey] = by_canonical[ckey][0]
+                if 0 not in shape:
+                    expert_intact.append((key, ckey))
         self.zero3_shapes = {k: v[1] for k, v in by_canonical.items()}
         self.problem(
             "zero-element", "fixable",
             f"{self.label}: {len(damaged)} tensor(s) have zero elements (ZeRO-3 saved them without gathering).",
             f"convert recovers them from {zero3.tag_dir} ({zero3.world_size} rank(s))", tuple(damaged),
         )  # fmt: skip
-        self._check_zero3_step(resolved, zero3, names)
+        intact = [(r.parsed.key, r.canonical_key) for r, shape, _ in resolved if 0 not in shape and r.canonical_key in names]
+        self._check_zero3_step(intact + expert_intact, zero3, names)
         return zero3, names
 
-    def _check_zero3_step(self, resolved: list[tuple[Resolution, tuple[int, ...], str]], zero3: Zero3Checkpoint, names: dict[str, str]) -> None:
-        """Intact tensors must equal the checkpoint's: else the checkpoint is from another step."""
+    def _check_zero3_step(self, intact: list[tuple[str, str]], zero3: Zero3Checkpoint, names: dict[str, str]) -> None:
+        """Intact tensors (source key, canonical key), dense and expert alike, must equal the
+        checkpoint's: else the checkpoint is from another step and recovery would mix two steps."""
         import torch
 
-        for res, shape, dtype in resolved:
-            if 0 in shape or res.canonical_key not in names:
-                continue
-            saved = self.src.get(res.parsed.key)
-            recovered = zero3.recover(names[res.canonical_key]).to(saved.dtype)
+        for key, ckey in intact:
+            saved = self.src.get(key)
+            recovered = zero3.recover(names[ckey]).to(saved.dtype)
             if recovered.shape != saved.shape or not torch.equal(recovered, saved):
                 self.problem(
                     "zero3-mismatch", "broken",
-                    f"{zero3.tag_dir}: tensor {res.parsed.key} differs between the adapter and the DeepSpeed checkpoint, "
+                    f"{zero3.tag_dir}: tensor {key} differs between the adapter and the DeepSpeed checkpoint, "
                     "so the checkpoint is from another training step.",
                     "pass --zero3-checkpoint with the global_stepN directory saved at the same step as the adapter",
-                    (res.parsed.key,),
+                    (key,),
                 )  # fmt: skip
                 return
 

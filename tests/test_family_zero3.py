@@ -42,3 +42,31 @@ def test_expert_lora_recovered_from_zero3_checkpoint(moe_zero3, tmp_path: Path) 
     assert set(got) == set(want)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_expert_tensor_from_another_step_is_refused(moe_zero3, capsys, tmp_path: Path) -> None:
+    """Intact expert tensors are checked against the checkpoint like dense ones: an adapter whose
+    expert factor is not the checkpoint's (another step) is refused; the checkpoint's own value passes."""
+    from safetensors.torch import save_file
+
+    from gemma4_bridge.cli import main
+
+    model_dir, job = moe_zero3
+    damaged = load_file(job.damaged_adapter / "adapter_model.safetensors")
+    want = load_file(job.reference_adapter / "adapter_model.safetensors")
+    expert = next(k for k in sorted(damaged) if ".experts." in k and damaged[k].numel() == 0)
+    for name, value, ok in (("same", want[expert], True), ("other", want[expert] + 0.5, False)):
+        adapter = tmp_path / name
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text((job.damaged_adapter / "adapter_config.json").read_text())
+        save_file({**damaged, expert: value.contiguous()}, adapter / "adapter_model.safetensors")
+        argv = ["convert", str(adapter), "-o", str(tmp_path / f"out_{name}"), "--base", str(model_dir), "--zero3-checkpoint", str(job.checkpoint_dir)]
+        rc = main(argv)
+        err = capsys.readouterr().err
+        if ok:
+            assert rc == 0, err
+            got = load_file(tmp_path / f"out_{name}" / "adapter_model.safetensors")
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        else:
+            assert rc == 2 and "another training step" in err and expert in err and "Fix:" in err, err
+            assert not (tmp_path / f"out_{name}").exists()
