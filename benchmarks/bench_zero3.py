@@ -8,7 +8,7 @@ files). The damaged adapter beside it has zero-element tensors for every LoRA fa
 DeepSpeed's default persistence threshold (1e5 elements), as a real run saves.
 Both contenders write a safetensors file of the fp32 weights; each runs in a fresh process.
 
-    .venv/bin/python benchmarks/bench_zero3.py [--rounds 2] [--world-size 4] [--workdir DIR]
+    .venv/bin/python benchmarks/bench_zero3.py [--rounds 3] [--world-size 4] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _converter_bench import mb, measure, write_sparse_base, write_synthetic_adapter  # noqa: E402
@@ -45,9 +46,38 @@ def build(work: Path, world_size: int) -> tuple[Path, Path]:
     return base, run
 
 
+# Contenders, each in a fresh process: name -> (imports, work). DeepSpeed's modes (deepspeed 0.19.8
+# ``deepspeed/utils/zero_to_fp32.py``): "default" is the documented converter (lazy state dict, 5 GB
+# shards, frozen parameters included); "lazy" is its best mode for one output file:
+# ``get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True, exclude_frozen_parameters=True)`` then
+# ``to_torch_tensor``; "lazy-sharded" is its lowest-memory mode (the same, written in 100 MB shards,
+# each freed before the next).
+DS_IMPORT = "import torch, safetensors\nfrom deepspeed.utils import zero_to_fp32 as z"
+
+
+def contenders(run: Path, base: Path, out: Path) -> dict[str, tuple[str, str]]:
+    return {
+        "gemma4-bridge": (
+            "import torch, safetensors\nfrom gemma4_bridge.converters import convert_adapter",
+            f"convert_adapter({str(run)!r}, {str(out)!r}, base={str(base)!r})",
+        ),
+        "zero_to_fp32 default": (DS_IMPORT, f"z.convert_zero_checkpoint_to_fp32_state_dict({str(run)!r}, {str(out)!r}, safe_serialization=True)"),
+        "zero_to_fp32 lazy": (
+            DS_IMPORT + "\nimport os\nfrom safetensors.torch import save_file",
+            f"sd = z.get_fp32_state_dict_from_zero_checkpoint({str(run)!r}, lazy_mode=True, exclude_frozen_parameters=True)\n"
+            f"os.makedirs({str(out)!r})\nsave_file(z.to_torch_tensor(sd), os.path.join({str(out)!r}, 'model.safetensors'))",
+        ),
+        "zero_to_fp32 lazy-sharded": (
+            DS_IMPORT,
+            f"z.convert_zero_checkpoint_to_fp32_state_dict({str(run)!r}, {str(out)!r}, safe_serialization=True, "
+            "exclude_frozen_parameters=True, max_shard_size='100MB')",
+        ),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -56,30 +86,27 @@ def main() -> int:
     tag = run / (run / "latest").read_text().strip()
     optim_bytes = sum(p.stat().st_size for p in tag.glob("*optim_states.pt"))
     print(f"checkpoint: {args.world_size} ranks, {mb(optim_bytes)} of optimizer files; adapter {run / 'adapter_model.safetensors'}")
-    ours, theirs = [], []
+    out = work / "out"
+    results: dict[str, list[dict[str, float]]] = {}
     for i in range(args.rounds):
-        for out in (work / "ours", work / "theirs"):
+        names = list(contenders(run, base, out))
+        names = names if i % 2 == 0 else names[:1] + names[1:][::-1]  # alternate the order of DeepSpeed's modes
+        line = []
+        for name in names:
             shutil.rmtree(out, ignore_errors=True)
-        o = measure(
-            "import torch, safetensors\nfrom gemma4_bridge.converters import convert_adapter",
-            f"convert_adapter({str(run)!r}, {str(work / 'ours')!r}, base={str(base)!r})",
-        )
-        t = measure(
-            "import torch, safetensors\nfrom deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict",
-            f"convert_zero_checkpoint_to_fp32_state_dict({str(run)!r}, {str(work / 'theirs')!r}, safe_serialization=True)",
-        )
-        ours.append(o)
-        theirs.append(t)
-        print(f"round {i + 1}: gemma4-bridge {o['seconds']:.2f} s / peak {mb(o['peak_rss'])}; "
-              f"zero_to_fp32 {t['seconds']:.2f} s / peak {mb(t['peak_rss'])}")  # fmt: skip
-    o_t, t_t = min(r["seconds"] for r in ours), min(r["seconds"] for r in theirs)
-    o_peak, t_peak = max(r["peak_rss"] for r in ours), max(r["peak_rss"] for r in theirs)
-    o_growth, t_growth = max(r["peak_rss"] - r["base_rss"] for r in ours), max(r["peak_rss"] - r["base_rss"] for r in theirs)
-    ratios = sorted(t["seconds"] / o["seconds"] for o, t in zip(ours, theirs))
-    print(f"speed: gemma4-bridge is {ratios[len(ratios) // 2]:.1f}x faster than zero_to_fp32, median of {args.rounds} paired "
-          f"rounds (range {ratios[0]:.1f}-{ratios[-1]:.1f}x; best times {o_t:.2f} s vs {t_t:.2f} s) (goal >= 3x)")  # fmt: skip
-    print(f"peak RSS: gemma4-bridge / zero_to_fp32 = {o_peak / t_peak:.2f} (goal <= 0.25) [{mb(o_peak)} vs {mb(t_peak)}]; "
-          f"above post-import baseline: {mb(o_growth)} vs {mb(t_growth)} = {o_growth / max(t_growth, 1):.3f}")  # fmt: skip
+            r = measure(*contenders(run, base, out)[name])
+            results.setdefault(name, []).append(r)
+            line.append(f"{name} {r['seconds']:.2f} s / {mb(r['peak_rss'])}")
+        print(f"round {i + 1}: " + "; ".join(line), flush=True)
+    ours = results.pop("gemma4-bridge")
+    for name, theirs in results.items():
+        speed = sorted(t["seconds"] / o["seconds"] for o, t in zip(ours, theirs))
+        rss = sorted(o["peak_rss"] / t["peak_rss"] for o, t in zip(ours, theirs))
+        o_t, t_t = sorted(r["seconds"] for r in ours), sorted(r["seconds"] for r in theirs)
+        o_p, t_p = sorted(r["peak_rss"] for r in ours), sorted(r["peak_rss"] for r in theirs)
+        print(f"vs {name}: {median(speed):.1f}x faster (range {speed[0]:.1f}-{speed[-1]:.1f}x; median {median(o_t):.2f} s vs "
+              f"{median(t_t):.2f} s) (goal >= 3x); peak RSS {median(rss):.2f}x (range {rss[0]:.2f}-{rss[-1]:.2f}; median "
+              f"{mb(median(o_p))} vs {mb(median(t_p))}) (goal <= 0.25) over {args.rounds} paired rounds")  # fmt: skip
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
