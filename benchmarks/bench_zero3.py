@@ -55,11 +55,16 @@ def build(work: Path, world_size: int) -> tuple[Path, Path]:
 DS_IMPORT = "import torch, safetensors\nfrom deepspeed.utils import zero_to_fp32 as z"
 
 
-def contenders(run: Path, base: Path, out: Path) -> dict[str, tuple[str, str]]:
+def contenders(run: Path, base: Path, out: Path, ours: Path) -> dict[str, tuple[str, str]]:
     return {
         "gemma4-bridge": (
             "import torch, safetensors\nfrom gemma4_bridge.converters import convert_adapter",
-            f"convert_adapter({str(run)!r}, {str(out)!r}, base={str(base)!r})",
+            f"convert_adapter({str(run)!r}, {str(ours)!r}, base={str(base)!r})",
+        ),
+        # The floor for any converter: writing the recovered bytes once (a plain copy of our output).
+        "copy of the output": (
+            "import os, shutil",
+            f"os.makedirs({str(out)!r})\nshutil.copyfile({str(ours / 'adapter_model.safetensors')!r}, {str(out / 'copy.safetensors')!r})",
         ),
         "zero_to_fp32 default": (DS_IMPORT, f"z.convert_zero_checkpoint_to_fp32_state_dict({str(run)!r}, {str(out)!r}, safe_serialization=True)"),
         "zero_to_fp32 lazy": (
@@ -86,15 +91,18 @@ def main() -> int:
     tag = run / (run / "latest").read_text().strip()
     optim_bytes = sum(p.stat().st_size for p in tag.glob("*optim_states.pt"))
     print(f"checkpoint: {args.world_size} ranks, {mb(optim_bytes)} of optimizer files; adapter {run / 'adapter_model.safetensors'}")
-    out = work / "out"
+    out, ours_out = work / "out", work / "ours"
+    table = contenders(run, base, out, ours_out)
     results: dict[str, list[dict[str, float]]] = {}
     for i in range(args.rounds):
-        names = list(contenders(run, base, out))
-        names = names if i % 2 == 0 else names[:1] + names[1:][::-1]  # alternate the order of DeepSpeed's modes
+        names = list(table)
+        names = names if i % 2 == 0 else names[:1] + names[1:][::-1]  # ours first (the copy needs it), then alternate
         line = []
         for name in names:
             shutil.rmtree(out, ignore_errors=True)
-            r = measure(*contenders(run, base, out)[name])
+            if name == "gemma4-bridge":
+                shutil.rmtree(ours_out, ignore_errors=True)
+            r = measure(*table[name])
             results.setdefault(name, []).append(r)
             line.append(f"{name} {r['seconds']:.2f} s / {mb(r['peak_rss'])}")
         print(f"round {i + 1}: " + "; ".join(line), flush=True)
