@@ -1,12 +1,13 @@
 """ZeRO-3 recovery (gemma4-bridge convert) vs DeepSpeed's own zero_to_fp32, on the same checkpoint.
 
-Goals (issue 3): at least 3x faster, at most 1/4 of zero_to_fp32's peak RSS.
+Goals (issues 3 and 11): at least 3x faster, at most 1/4 of zero_to_fp32's peak RSS, against its
+default and its best modes (see DS_IMPORT below); a plain copy of our output is timed as the floor.
 Checkpoint: DeepSpeed ZeRO-3 on-disk format (written by gemma4_bridge.testing.zero3_job's synthetic writer,
 which DeepSpeed's reader accepts - tests check that), 4 ranks, fp32 masters + Adam moments, for a
 rank-64 all-linear adapter on an E4B-shaped layout (~0.8 GB of LoRA weights, ~2.3 GB of optimizer
 files). The damaged adapter beside it has zero-element tensors for every LoRA factor above
 DeepSpeed's default persistence threshold (1e5 elements), as a real run saves.
-Both contenders write a safetensors file of the fp32 weights; each runs in a fresh process.
+Every contender writes safetensors of the fp32 weights; each runs in a fresh process.
 
     .venv/bin/python benchmarks/bench_zero3.py [--rounds 3] [--world-size 4] [--workdir DIR]
 """
