@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gemma4_bridge.testing.fixtures import (
-    MULTIMODAL_TOKENS,
-    TOKEN_IDS,
     VOCAB_SIZE,
     TinySpec,
     _save_processor,
     _set_finite_clip_bounds,
     build_tokenizer,
+    multimodal_token_ids,
     tiny_config_dict,
 )
 
@@ -126,13 +125,7 @@ def _unified_config_dict(spec: FamilySpec) -> dict[str, Any]:
         "text_config": text,
         "vision_config": None,
         "audio_config": None,
-        "boi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boi_token"]],
-        "eoi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["eoi_token"]],
-        "image_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["image_token"]],
-        "video_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["video_token"]],
-        "boa_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boa_token"]],
-        "eoa_token_index": TOKEN_IDS[MULTIMODAL_TOKENS["eoa_token"]],
-        "audio_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["audio_token"]],
+        **multimodal_token_ids(),
     }
     if spec.vision:
         config["vision_config"] = {

@@ -69,6 +69,19 @@ class TinySpec:
         return [*types, "full_attention"]
 
 
+def multimodal_token_ids() -> dict[str, int]:
+    """The config fields naming the image/video/audio marker tokens of the fixture tokenizer."""
+    return {
+        "boi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boi_token"]],
+        "eoi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["eoi_token"]],
+        "image_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["image_token"]],
+        "video_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["video_token"]],
+        "boa_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boa_token"]],
+        "eoa_token_index": TOKEN_IDS[MULTIMODAL_TOKENS["eoa_token"]],
+        "audio_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["audio_token"]],
+    }
+
+
 def tiny_config_dict(spec: TinySpec) -> dict[str, Any]:
     """A Gemma4Config as a plain dict (what ``config.json`` holds before transformers fills defaults)."""
     text = {
@@ -100,13 +113,7 @@ def tiny_config_dict(spec: TinySpec) -> dict[str, Any]:
         "text_config": text,
         "vision_config": None,
         "audio_config": None,
-        "boi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boi_token"]],
-        "eoi_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["eoi_token"]],
-        "image_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["image_token"]],
-        "video_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["video_token"]],
-        "boa_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["boa_token"]],
-        "eoa_token_index": TOKEN_IDS[MULTIMODAL_TOKENS["eoa_token"]],
-        "audio_token_id": TOKEN_IDS[MULTIMODAL_TOKENS["audio_token"]],
+        **multimodal_token_ids(),
         "pad_token_id": TOKEN_IDS["<pad>"],
         "eos_token_id": TOKEN_IDS["<eos>"],
         "bos_token_id": TOKEN_IDS["<bos>"],
