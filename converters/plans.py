@@ -15,7 +15,7 @@ from gemma4_bridge import __version__
 from gemma4_bridge.errors import BridgeError, ErrorCode
 from gemma4_bridge.layout import Gemma4Layout, LinearSite
 
-from .safetensors_stream import DTYPES
+from .safetensors_stream import DTYPES, FileRange
 from .sources import TensorSource
 
 if TYPE_CHECKING:
@@ -124,12 +124,13 @@ class CanonicalPlan:
         self._check_finite(entry, tensor)
         return tensor
 
-    def raw_bytes(self, entry: PlannedTensor) -> memoryview | None:
-        """The source bytes of ``entry`` when they are its canonical bytes (a renamed tensor of a
-        safetensors file, same dtype), checked finite; else None (use :meth:`load`).
+    def raw_bytes(self, entry: PlannedTensor) -> FileRange | None:
+        """Where the source bytes of ``entry`` lie when they are its canonical bytes (a renamed
+        tensor of a safetensors file, same dtype), checked finite; else None (use :meth:`load`).
 
-        No tensor is built or copied: the bytes are a view of a memory-mapped window of the source,
-        valid until the next call. Writing them out is then the only copy, as in a file copy.
+        No tensor is built or copied: the check reads a memory-mapped window of the source, and
+        the writer copies the range inside the kernel, as a file copy does. The range's file stays
+        open until :meth:`close`.
         """
         reader = self._source.reader
         if entry.from_zero3 or entry.recipe is not None or reader is None or reader.header[entry.source_key]["dtype"] != DTYPES[entry.dtype][0]:
@@ -144,9 +145,8 @@ class CanonicalPlan:
             ) from exc
         if mapped is None:
             return None
-        raw, tensor = mapped
-        self._check_finite(entry, tensor)
-        return raw
+        self._check_finite(entry, mapped[1])
+        return reader.file_range(entry.source_key)
 
     def close(self) -> None:
         """Release the source's memory-mapped window (see :meth:`raw_bytes`) and checkpoint files."""

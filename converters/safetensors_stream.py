@@ -8,6 +8,7 @@ dtypes, producing each tensor only when its bytes are due.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -60,6 +61,18 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes at ``offset`` of the open file ``fd``, to be written verbatim.
+
+    The kernel copies them into the output (``copy_file_range``, as ``cp`` does): no page of
+    them passes through this process, so a verbatim tensor costs what a file copy costs."""
+
+    fd: int
+    offset: int
+    nbytes: int
+
+
 def write_streaming(
     path: Path,
     specs: Sequence[TensorSpec],
@@ -71,7 +84,8 @@ def write_streaming(
 
     The produced tensor must match the spec's shape and dtype (checked), so the header written
     first stays true. ``produce`` may instead return the tensor's raw little-endian bytes (a
-    buffer of exactly ``spec.nbytes``), which are written as they are: no tensor is built.
+    buffer of exactly ``spec.nbytes``) or a :class:`FileRange` of them, which are written as they
+    are on a writer thread: no tensor is built.
     """
     header: dict[str, Any] = {}
     if metadata:
@@ -88,7 +102,7 @@ def write_streaming(
         try:
             for spec in specs:
                 tensor = produce(spec)
-                if isinstance(tensor, memoryview):
+                if isinstance(tensor, (memoryview, FileRange)):
                     if tensor.nbytes != spec.nbytes:
                         raise ValueError(f"{spec.name}: produced {tensor.nbytes} bytes, header promised {spec.nbytes}")
                     writer.put(tensor)
@@ -112,13 +126,19 @@ class _BackgroundWriter:
     """Writes buffers to ``f`` in order on one thread, so the next tensor is produced (read and
     checked) while the previous one is written: on a second core the check costs no wall time.
 
-    Only raw buffers are queued: a view stays valid while queued (it keeps its memory map alive).
+    Only raw buffers and file ranges are queued: a view stays valid while queued (it keeps its
+    memory map alive); a range's file must stay open until :meth:`drain`. Adjacent ranges of one
+    file are copied as one run of up to ``RUN`` bytes: the kernel copies a 0.7 MB range 5x slower
+    per byte than a long one (measured on ext4, 1,154 ranges of a 763 MB adapter: 2.6 s vs 0.6 s).
     """
+
+    RUN = 32 << 20
 
     def __init__(self, f: Any) -> None:
         self.f = f
         self.error: BaseException | None = None
-        self.queue: queue.Queue[memoryview | None] = queue.Queue(maxsize=8)
+        self.run: FileRange | None = None  # adjacent ranges not yet queued
+        self.queue: queue.Queue[memoryview | FileRange | None] = queue.Queue(maxsize=8)
         self.thread = threading.Thread(target=self._run, name="write_streaming", daemon=True)
         self.thread.start()
 
@@ -129,24 +149,39 @@ class _BackgroundWriter:
                 if item is None:
                     return
                 if self.error is None:  # after an error, keep consuming so put() never blocks
-                    _write_all(self.f, item)
+                    _copy_range(self.f, item) if isinstance(item, FileRange) else _write_all(self.f, item)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 self.error = exc
             finally:
                 self.queue.task_done()
 
-    def put(self, data: memoryview) -> None:
+    def put(self, data: memoryview | FileRange) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(data)
+        run = self.run
+        if isinstance(data, FileRange) and run is not None and run.fd == data.fd and run.offset + run.nbytes == data.offset and run.nbytes < self.RUN:
+            self.run = FileRange(run.fd, run.offset, run.nbytes + data.nbytes)
+            return
+        self._flush_run()
+        if isinstance(data, FileRange):
+            self.run = data
+        else:
+            self.queue.put(data)
+
+    def _flush_run(self) -> None:
+        if self.run is not None:
+            self.queue.put(self.run)
+            self.run = None
 
     def drain(self) -> None:
         """Wait until everything queued is written; raise a write error here."""
+        self._flush_run()
         self.queue.join()
         if self.error is not None:
             raise self.error
 
     def close(self) -> None:
+        self.run = None  # close() without drain(): an error already stops the write
         self.queue.put(None)
         self.thread.join()
 
@@ -156,6 +191,40 @@ def _write_all(f: Any, data: Any) -> None:
     view = memoryview(data).cast("B")
     while view:
         view = view[f.write(view) :]
+
+
+# copy_file_range is refused across some filesystems and by some; sendfile, then read + write follow.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM)
+
+
+def _copy_range(f: Any, r: FileRange) -> None:
+    """Append ``r`` to ``f`` (at its current position) inside the kernel, with a plain fallback."""
+    out, offset, left = f.fileno(), r.offset, r.nbytes
+    for copy in (_copy_file_range, _sendfile):
+        try:
+            while left:
+                n = copy(r.fd, out, offset, left)
+                if n == 0:
+                    raise ValueError(f"source file ends before byte {offset + left} (truncated while converting?)")
+                offset, left = offset + n, left - n
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    while left:
+        chunk = os.pread(r.fd, min(left, 64 << 20), offset)
+        if not chunk:
+            raise ValueError(f"source file ends before byte {offset + left} (truncated while converting?)")
+        _write_all(f, chunk)
+        offset, left = offset + len(chunk), left - len(chunk)
+
+
+def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src, out, count, offset)
+
+
+def _sendfile(src: int, out: int, offset: int, count: int) -> int:
+    return os.sendfile(out, src, offset, count)
 
 
 @cache
@@ -190,6 +259,7 @@ class SafetensorsReader:
         ends = [v["data_offsets"][1] for k, v in self.header.items() if k != "__metadata__"]
         self.data_end = self.data_start + max(ends, default=0)
         self._window: tuple[int, int, Any, Any] | None = None  # (file start, file end, mmap, uint8 tensor)
+        self._fd: int | None = None  # open while file ranges are handed out (until close)
 
     def _open(self, expected: dict[str, Any] | None) -> dict[str, Any]:
         """Open the file and validate its header; it must equal ``expected`` when given."""
@@ -284,7 +354,9 @@ class SafetensorsReader:
             size = os.fstat(fd).st_size
             if size < hi:
                 raise ValueError(f"{name}: tensor data ends at byte {hi} but the file now has {size} bytes (truncated?)")
-            m = mmap.mmap(fd, hi - lo, prot=mmap.PROT_READ, offset=lo)
+            # Populated at once: one call maps the window instead of a page fault per 16 pages.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            m = mmap.mmap(fd, hi - lo, flags=flags, prot=mmap.PROT_READ, offset=lo)
             with warnings.catch_warnings():  # read-only on purpose: the tensor is only read
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.frombuffer(m, dtype=torch.uint8)
@@ -292,6 +364,12 @@ class SafetensorsReader:
         lo, _, m, window = w
         raw = memoryview(m)[start - lo : end - lo]
         return raw, window[start - lo : end - lo].view(dtype).view(tuple(info["shape"]))
+
+    def file_range(self, name: str) -> FileRange:
+        """Tensor ``name``'s bytes as a range of the file, for :func:`write_streaming` to copy
+        in the kernel; the file stays open until :meth:`close`."""
+        start, end = (self.data_start + o for o in self.header[name]["data_offsets"])
+        return FileRange(self._fd(), start, end - start)
 
     def close(self) -> None:
         """Unmap the current window (its pages leave the resident set) and close the file; a later
