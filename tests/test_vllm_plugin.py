@@ -167,7 +167,7 @@ def test_cpu_lora_kernels_ignore_tokens_without_adapter() -> None:
     # An engine an earlier test ran in this process may have left the kernels passing through (its
     # last step had no unadapted token); a fresh wrapper's first update would reset this.
     hooks._UNADAPTED_ROWS.clear()
-    hooks._MASK_SLOTS[0] = True
+    hooks.set_slot_masking(True)
     weights = torch.randn(2, 1, 4, 8)  # two adapter slots, rank 4, in 8
     x = torch.randn(3, 8)
     slots = torch.tensor([0, -1, 1])
@@ -185,8 +185,12 @@ def test_cpu_lora_kernels_ignore_tokens_without_adapter() -> None:
 
 
 def test_cpu_lora_kernels_mask_only_steps_with_unadapted_tokens() -> None:
-    """The slot test runs once per step (in the punica wrapper's update), not per kernel call."""
+    """The slot test runs once per mapping (in the punica wrapper's update), not per kernel call:
+    while every token has an adapter the modules hold vLLM's own kernels (no plugin code per call)."""
+    import vllm.lora.ops.torch_ops as torch_ops
     from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     from gemma4_bridge.plugins.vllm import register
@@ -198,25 +202,24 @@ def test_cpu_lora_kernels_mask_only_steps_with_unadapted_tokens() -> None:
     # Wrappers of engines that earlier tests ran in this process may still be alive and keep the
     # kernels masking (safe, only slower); this test looks at its own wrapper alone.
     hooks._UNADAPTED_ROWS.clear()
+    holders = (lora_ops, torch_ops, punica_cpu)
     weights = torch.randn(2, 1, 4, 8)
     x = torch.randn(3, 8)
-    seen: list[torch.Tensor] = []
-
-    def kernel(inputs: torch.Tensor, *args: object) -> None:
-        seen.append(inputs)
-        hooks.upstream("cpu_bgmv_shrink")(inputs, *args)
-
-    masked = hooks._mask_no_adapter_tokens(kernel)
     punica = PunicaWrapperCPU(max_num_batched_tokens=8, max_batches=4, device="cpu")
-    # Every token has an adapter (ids 7 and 9 in slots 0 and 1): inputs pass through untouched.
+    # Every token has an adapter (ids 7 and 9 in slots 0 and 1): vLLM's kernels, untouched.
     punica.update_metadata(LoRAMapping((7, 9, 9), (7, 9, 9)), [7, 9], 2, 512)
     assert punica.token_lora_indices.tolist() == [0, 1, 1] and not hooks._MASK_SLOTS[0]
-    masked(x, weights, torch.zeros(3, 4), punica.token_lora_indices, 1.0)
-    assert seen[-1] is x
-    # One token without an adapter (id 0, slot -1): masked again, and that row gets no delta.
+    for name in hooks.CPU_KERNELS:
+        assert all(getattr(m, name) is hooks.upstream(f"cpu_{name}") for m in holders if hasattr(m, name)), name
+    # One token without an adapter (id 0, slot -1): the masking kernels again, and that row gets no delta.
     punica.update_metadata(LoRAMapping((7, 0, 9), (7, 0, 9)), [7, 9], 2, 512)
     assert punica.token_lora_indices.tolist() == [0, -1, 1] and hooks._MASK_SLOTS[0]
+    for name in hooks.CPU_KERNELS:
+        assert all(getattr(m, name).__wrapped__ is hooks.upstream(f"cpu_{name}") for m in holders if hasattr(m, name)), name
     out = torch.zeros(3, 4)
-    masked(x, weights, out, punica.token_lora_indices, 1.0)
-    assert seen[-1] is not x and torch.equal(out[1], torch.zeros(4))
+    punica_cpu.bgmv_shrink(x, weights, out, punica.token_lora_indices, 1.0)
+    assert torch.equal(out[1], torch.zeros(4))
     assert torch.allclose(out[2], x[2] @ weights[1, 0].T)
+    upstream_out = torch.zeros(3, 4)
+    hooks.upstream("cpu_bgmv_shrink")(x, weights, upstream_out, punica.token_lora_indices, 1.0)
+    assert not torch.equal(upstream_out[1], torch.zeros(4))  # what the mask prevents

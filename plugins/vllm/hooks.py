@@ -20,10 +20,11 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   encoder mappings to the model's :class:`~.model.EncoderLoRASplit`, which narrows them to each
   encoder call's items (vLLM 0.32 maps all of a step's images and audio clips at once and then
   crashed the audio tower). Uses the model's ``get_mm_lora_token_counts`` per item.
-* ``PunicaWrapperCPU.update_metadata`` (once per step and LoRA mapping): records whether the
-  step has any token without an adapter, so that the kernel wrappers above pass straight through
-  when none has (the common case: every request names an adapter) instead of testing the slots on
-  each of the ~80 kernel calls per step (measured 6-10% of decode on the tiny model).
+* ``PunicaWrapperCPU.update_metadata`` (once per LoRA mapping change): records whether the
+  mapping has any token without an adapter, and puts the masking kernels above in place only
+  while some mapping has one. Otherwise (the common case: every request names an adapter) the
+  modules hold vLLM's own kernels, so the decode path runs no plugin code at all (a pass-through
+  wrapper cost ~84 extra Python calls per step; testing the slots in each cost 6-10% of decode).
 * ``InputProcessor.process_inputs`` (front end, every request): a request naming a local adapter
   is refused there, as a per-request validation error, by every check the worker would make
   (headers, then each value once); it is checked on a private, content-addressed copy
@@ -70,6 +71,8 @@ logger = logging.getLogger("vllm.gemma4_bridge")
 # reports, the kernels mask (safe); afterwards they mask only while any wrapper has such a row.
 _UNADAPTED_ROWS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _MASK_SLOTS = [True]
+# (module, kernel name, upstream kernel, masking kernel) for every module that holds a CPU kernel.
+_KERNEL_SLOTS: list[tuple[Any, str, Callable[..., Any], Callable[..., Any]]] = []
 
 
 def upstream(name: str) -> Callable[..., Any]:
@@ -165,25 +168,31 @@ def _install_cpu_kernel_fix() -> None:
         original = getattr(lora_ops, name)
         _ORIGINALS[f"cpu_{name}"] = original
         fixed = _mask_no_adapter_tokens(original)
-        for module in users:
-            if getattr(module, name, None) is original:
-                setattr(module, name, fixed)
+        _KERNEL_SLOTS.extend((module, name, original, fixed) for module in users if getattr(module, name, None) is original)
+    set_slot_masking(True)
     _ORIGINALS["cpu_update_metadata"] = punica_cpu.PunicaWrapperCPU.update_metadata
     punica_cpu.PunicaWrapperCPU.update_metadata = _track_unadapted_rows  # type: ignore[method-assign]
+
+
+def set_slot_masking(on: bool) -> None:
+    """Put the masking CPU kernels (on) or vLLM's own (off) in every module that calls them."""
+    _MASK_SLOTS[0] = on
+    for module, name, original, fixed in _KERNEL_SLOTS:
+        setattr(module, name, fixed if on else original)
 
 
 def _track_unadapted_rows(self: Any, mapping: Any, *args: Any, **kwargs: Any) -> None:
     _ORIGINALS["cpu_update_metadata"](self, mapping, *args, **kwargs)
     _UNADAPTED_ROWS[self] = bool((self.token_lora_indices < 0).any() or (self.sampler_indices < 0).any())
-    _MASK_SLOTS[0] = any(_UNADAPTED_ROWS.values())
+    mask = any(_UNADAPTED_ROWS.values())
+    if mask != _MASK_SLOTS[0]:
+        set_slot_masking(mask)
 
 
 def _mask_no_adapter_tokens(kernel: Callable[..., Any]) -> Callable[..., Any]:
     """Tokens with adapter slot -1 contribute nothing (zero input), instead of using the last slot."""
 
     def masked(inputs: Any, lora_weights: Any, output_tensor: Any, lora_indices_tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _MASK_SLOTS[0]:
-            return kernel(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
         no_adapter = lora_indices_tensor < 0
         if bool(no_adapter.any()):
             rows = no_adapter if inputs.shape[0] == no_adapter.shape[0] else no_adapter[: inputs.shape[0]]
