@@ -150,16 +150,17 @@ def rss_now():
     return status("VmRSS")
 {imports}
 base_rss = rss_now()
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 {work}
-elapsed = time.perf_counter() - t0
+elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
 peak = status("VmHWM")
-print("@@RESULT@@" + json.dumps({{"seconds": elapsed, "peak_rss": peak, "base_rss": base_rss}}))
+print("@@RESULT@@" + json.dumps({{"seconds": elapsed, "cpu_seconds": cpu, "peak_rss": peak, "base_rss": base_rss}}))
 """
 
 
 def measure(imports: str, work: str, timeout: float = 1800) -> dict[str, float]:
-    """Run ``work`` after ``imports`` in a fresh Python; returns seconds (work only), peak and post-import RSS."""
+    """Run ``work`` after ``imports`` in a fresh Python; returns seconds (work only: wall clock, and
+    CPU of all its threads, kernel copies included, writeback excluded), peak and post-import RSS."""
     code = _RUNNER.format(imports=textwrap.dedent(imports), work=textwrap.dedent(work))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)

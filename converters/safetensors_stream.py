@@ -8,6 +8,7 @@ dtypes, producing each tensor only when its bytes are due.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -193,6 +194,7 @@ def _write_all(f: Any, data: Any) -> None:
         view = view[f.write(view) :]
 
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; older kernels: EINVAL, faults instead
 # copy_file_range is refused across some filesystems and by some; sendfile, then read + write follow.
 _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM)
 
@@ -259,7 +261,6 @@ class SafetensorsReader:
         ends = [v["data_offsets"][1] for k, v in self.header.items() if k != "__metadata__"]
         self.data_end = self.data_start + max(ends, default=0)
         self._window: tuple[int, int, Any, Any] | None = None  # (file start, file end, mmap, uint8 tensor)
-        self._fd: int | None = None  # open while file ranges are handed out (until close)
 
     def _open(self, expected: dict[str, Any] | None) -> dict[str, Any]:
         """Open the file and validate its header; it must equal ``expected`` when given."""
@@ -364,6 +365,41 @@ class SafetensorsReader:
         lo, _, m, window = w
         raw = memoryview(m)[start - lo : end - lo]
         return raw, window[start - lo : end - lo].view(dtype).view(tuple(info["shape"]))
+
+    def read_many(self, names: Sequence[str]) -> dict[str, Any]:
+        """Tensors ``names`` as views of one private (copy-on-write), populated map of the file
+        span holding them, as ``safe_open`` gives them: no copy, one call maps every page (a read
+        into fresh memory spent most of its time faulting in pages: 760 MB, 0.6 s CPU vs 0.02 s).
+        The file is never written; writes to a view stay in this process. A name whose bytes are
+        not aligned for its dtype is left out (read it with :meth:`get`)."""
+        import torch
+
+        spans = {n: tuple(self.data_start + o for o in self.header[n]["data_offsets"]) for n in names}
+        if not spans:
+            return {}
+        lo = min(a for a, _ in spans.values())
+        lo -= lo % mmap.ALLOCATIONGRANULARITY
+        hi = max(b for _, b in spans.values())
+        fd = self._fd()
+        size = os.fstat(fd).st_size  # a mapped page past the end would kill the process (SIGBUS)
+        if size < hi or hi > self.data_end:
+            raise ValueError(f"tensor data ends at byte {hi} but the file has {size} bytes (truncated?)")
+        if hi == lo:
+            return {n: self.get(n) for n in spans}
+        m = mmap.mmap(fd, hi - lo, flags=mmap.MAP_PRIVATE, offset=lo)
+        # Map every page for reading in one call; MAP_POPULATE would copy each (it faults a
+        # writable private map for writing). Pages are copied only where the caller writes.
+        with contextlib.suppress(OSError):
+            m.madvise(_MADV_POPULATE_READ)
+        whole = torch.frombuffer(m, dtype=torch.uint8)  # keeps the map alive as long as any view
+        out = {}
+        for name, (a, b) in spans.items():
+            info = self.header[name]
+            dtype = getattr(torch, CODE_TO_DTYPE[info["dtype"]])
+            if (a - lo) % dtype.itemsize or b - a != math.prod(info["shape"]) * dtype.itemsize:
+                continue
+            out[name] = whole[a - lo : b - lo].view(dtype).view(tuple(info["shape"]))
+        return out
 
     def file_range(self, name: str) -> FileRange:
         """Tensor ``name``'s bytes as a range of the file, for :func:`write_streaming` to copy

@@ -105,11 +105,7 @@ def check_values(p: CanonicalPlan) -> None:
 
     The front end runs this so that the worker never meets a bad value: there, any exception
     stops the engine (an offline ``LLM.generate`` hangs on its next call)."""
-    try:
-        for entry in p.tensors:
-            p.load(entry)
-    finally:
-        p.close()
+    p.check_values()  # in place, in the mapped file: no copy (760 MB: 0.15 s instead of 0.7 s)
 
 
 def _check_non_token(p: CanonicalPlan) -> None:
@@ -145,8 +141,9 @@ def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
     copies: list[str] = []
     # vLLM 0.34 applies k_proj LoRA to V on k_eq_v layers itself; copying there would apply it twice.
     copy_k_to_v = bool(detect_bug("k_eq_v_v_lora").present)
+    loaded = p.load_all()
     for module in p.modules:
-        a, b = p.load(module.a), p.load(module.b)
+        a, b = loaded[module.a.key], loaded[module.b.key]
         tensors[_serving_key(module.a.key, module.site)], tensors[_serving_key(module.b.key, module.site)] = a, b
         v_path = p.layout.v_path_fed_by(module.site) if copy_k_to_v else None
         if v_path is not None:
