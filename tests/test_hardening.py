@@ -259,19 +259,24 @@ def test_disk_full_real(capsys, tiny_tmpfs, all_linear_adapter, tiny_dir) -> Non
 
 
 def test_disk_full_injected(capsys, tmp_path, all_linear_adapter, tiny_dir, monkeypatch) -> None:
-    """The same without mount rights: the writer's write() fails with ENOSPC after the first tensor
-    (what a full disk does; injected where the bytes are written)."""
+    """The same without mount rights: the writer fails with ENOSPC after the header, at the first
+    tensor bytes (what a full disk does; injected where the bytes are written: adjacent tensors
+    are copied as one run, so a small adapter has one data write)."""
     import gemma4_bridge.converters.safetensors_stream as stream
 
-    real, calls = stream._write_all, []
+    calls: list[int] = []
 
-    def write_all(f, data) -> None:
-        calls.append(1)
-        if len(calls) > 2:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(f, data)
+    def failing(real):  # bytes are written by _write_all (buffers) or _copy_range (kernel copies of file ranges)
+        def write(f, data) -> None:
+            calls.append(1)
+            if len(calls) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real(f, data)
 
-    monkeypatch.setattr(stream, "_write_all", write_all)
+        return write
+
+    monkeypatch.setattr(stream, "_write_all", failing(stream._write_all))
+    monkeypatch.setattr(stream, "_copy_range", failing(stream._copy_range))
     out = tmp_path / "out"
     code, err = _run(capsys, "convert", str(all_linear_adapter), "-o", str(out), "--base", str(tiny_dir))
     _assert_clean_refusal(code, err, "convert", out, "no space left", "partial output was removed")
