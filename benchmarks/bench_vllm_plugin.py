@@ -122,6 +122,7 @@ def _worker_loaders(layout_dir: Path, max_rank: int) -> tuple[Any, Any, Any]:
 
     import gemma4_bridge.plugins.vllm as plugin
     from gemma4_bridge.layout import Gemma4Layout
+    from gemma4_bridge.plugins.vllm import snapshot
     from gemma4_bridge.plugins.vllm.adapter import ServingContext, check_adapter, check_values
     from gemma4_bridge.plugins.vllm.model import BridgeWeightsMapper
 
@@ -141,7 +142,13 @@ def _worker_loaders(layout_dir: Path, max_rank: int) -> tuple[Any, Any, Any]:
 
         return call
 
-    return load(tagged), load(rename), lambda path: check_values(check_adapter(path, ctx))
+    def front_end(path: Path) -> None:
+        """What the API server's event loop runs for a new adapter version: the private copy
+        (plugins/vllm/snapshot.py) and every check on it; the copy is removed after timing."""
+        snapshot._VERDICTS.clear()  # a fresh file version each round, as after an update
+        shutil.rmtree(snapshot.validated_snapshot(path, lambda copy: check_values(check_adapter(copy, ctx))))
+
+    return load(tagged), load(rename), front_end
 
 
 class _StackedBuffer:

@@ -150,7 +150,7 @@ class _BackgroundWriter:
                 if item is None:
                     return
                 if self.error is None:  # after an error, keep consuming so put() never blocks
-                    _copy_range(self.f, item) if isinstance(item, FileRange) else _write_all(self.f, item)
+                    copy_range(self.f, item) if isinstance(item, FileRange) else _write_all(self.f, item)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 self.error = exc
             finally:
@@ -199,7 +199,7 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; 
 _NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM)
 
 
-def _copy_range(f: Any, r: FileRange) -> None:
+def copy_range(f: Any, r: FileRange) -> None:
     """Append ``r`` to ``f`` (at its current position) inside the kernel, with a plain fallback."""
     out, offset, left = f.fileno(), r.offset, r.nbytes
     for copy in (_copy_file_range, _sendfile):

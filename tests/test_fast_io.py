@@ -40,8 +40,8 @@ def test_file_ranges_copy_exact_bytes_whatever_the_kernel_offers(source, tmp_pat
 
         monkeypatch.setattr(ss, f"_{name}", refused)
     calls: list[int] = []
-    original = ss._copy_range
-    monkeypatch.setattr(ss, "_copy_range", lambda f, r: (calls.append(r.nbytes), original(f, r)))
+    original = ss.copy_range
+    monkeypatch.setattr(ss, "copy_range", lambda f, r: (calls.append(r.nbytes), original(f, r)))
     reader = SafetensorsReader(path, read_safetensors_header(path))
     in_file_order = [s.name for s in reader.specs()]
     order = in_file_order[3:] + in_file_order[:3]  # two adjacent runs

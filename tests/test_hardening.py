@@ -266,7 +266,7 @@ def test_disk_full_injected(capsys, tmp_path, all_linear_adapter, tiny_dir, monk
 
     calls: list[int] = []
 
-    def failing(real):  # bytes are written by _write_all (buffers) or _copy_range (kernel copies of file ranges)
+    def failing(real):  # bytes are written by _write_all (buffers) or copy_range (kernel copies of file ranges)
         def write(f, data) -> None:
             calls.append(1)
             if len(calls) > 1:
@@ -276,7 +276,7 @@ def test_disk_full_injected(capsys, tmp_path, all_linear_adapter, tiny_dir, monk
         return write
 
     monkeypatch.setattr(stream, "_write_all", failing(stream._write_all))
-    monkeypatch.setattr(stream, "_copy_range", failing(stream._copy_range))
+    monkeypatch.setattr(stream, "copy_range", failing(stream.copy_range))
     out = tmp_path / "out"
     code, err = _run(capsys, "convert", str(all_linear_adapter), "-o", str(out), "--base", str(tiny_dir))
     _assert_clean_refusal(code, err, "convert", out, "no space left", "partial output was removed")

@@ -27,7 +27,7 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   wrapper cost ~84 extra Python calls per step; testing the slots in each cost 6-10% of decode).
 * ``InputProcessor.process_inputs`` (front end, every request): a request naming a local adapter
   is refused there, as a per-request validation error, by every check the worker would make
-  (headers, then each value once); it is checked on a private, content-addressed copy
+  (headers, then each value once); it is checked on a private, write-once copy
   (:mod:`.snapshot`, once per file version), and the request goes on naming the copy. So the
   worker, which (re)reads the directory at first use and after every eviction, loads exactly the
   bytes that were validated, whatever happens to the user's files meanwhile. Which modules vLLM
