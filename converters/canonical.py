@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gemma4_bridge.adapter_io import AdapterDir
+from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import Gemma4Layout
 
 from .planner import Planner
@@ -37,6 +38,18 @@ def find_layout(base: str | os.PathLike[str] | None, adapter_config: Mapping[str
         return Gemma4Layout.from_model_dir(guess)
     return None
 
+
+
+def require_layout(adapter_dir: str | os.PathLike[str], adapter_config: Mapping[str, Any], base: str | os.PathLike[str] | None) -> Gemma4Layout:
+    """:func:`find_layout`, or the error that says to pass ``--base`` (tools that write need the base)."""
+    layout = find_layout(base, adapter_config)
+    if layout is None:
+        raise BridgeError(
+            f"{adapter_dir}: no base model given and base_model_name_or_path={adapter_config.get('base_model_name_or_path')!r} "
+            "is not a local model directory.",
+            fix="pass --base MODEL_DIR (the Gemma 4 checkpoint the adapter was trained on)",
+        )
+    return layout
 
 def canonicalize(
     adapter: str | os.PathLike[str] | tuple[Mapping[str, Any], Mapping[str, Any]],

@@ -17,7 +17,7 @@ from gemma4_bridge.adapter_io import CONFIG_NAME, METADATA_KEY, SAFETENSORS_NAME
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.output import atomic_output_dir, check_output
 
-from .canonical import find_layout, plan
+from .canonical import plan, require_layout
 from .plans import CanonicalPlan
 from .safetensors_stream import TensorSpec, write_streaming
 
@@ -78,13 +78,7 @@ def _convert(
     adapter: Path, out_path: Path, base: str | os.PathLike[str] | None, zero3_checkpoint: str | os.PathLike[str] | None, force: bool
 ) -> CanonicalPlan:
     ad = AdapterDir.open(adapter)
-    layout = find_layout(base, ad.config)
-    if layout is None:
-        raise BridgeError(
-            f"{ad.path}: no base model given and base_model_name_or_path={ad.config.get('base_model_name_or_path')!r} "
-            "is not a local model directory.",
-            fix="pass --base MODEL_DIR (the Gemma 4 checkpoint the adapter was trained on)",
-        )
+    layout = require_layout(ad.path, ad.config, base)
     inputs = [ad.path] + ([Path(zero3_checkpoint)] if zero3_checkpoint else [])
     refuse_overwriting_input(inputs, out_path)
     p = plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint)

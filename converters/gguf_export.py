@@ -35,7 +35,7 @@ from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import NON_LANGUAGE
 from gemma4_bridge.output import atomic_output_file, check_output
 
-from .canonical import find_layout, plan
+from .canonical import plan, require_layout
 from .plans import CanonicalPlan, ModuleDelta, Problem
 
 if TYPE_CHECKING:
@@ -184,13 +184,7 @@ def export_gguf(
     from .convert import progress_bar, refuse_overwriting_input
 
     ad = AdapterDir.open(adapter)
-    layout = find_layout(base, ad.config)
-    if layout is None:
-        raise BridgeError(
-            f"{ad.path}: no base model given and base_model_name_or_path={ad.config.get('base_model_name_or_path')!r} "
-            "is not a local model directory.",
-            fix="pass --base MODEL_DIR (the Gemma 4 checkpoint the adapter was trained on)",
-        )
+    layout = require_layout(ad.path, ad.config, base)
     out_path = Path(out)
     refuse_overwriting_input([ad.path] + ([Path(zero3_checkpoint)] if zero3_checkpoint else []), out_path)
     export = plan_gguf(plan(ad.path, layout, zero3_checkpoint=zero3_checkpoint), layout)
