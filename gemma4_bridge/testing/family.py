@@ -34,6 +34,7 @@ from gemma4_bridge.testing.fixtures import (
     _set_finite_clip_bounds,
     build_tokenizer,
     multimodal_token_ids,
+    save_seeded_peft_adapter,
     tiny_config_dict,
 )
 
@@ -235,16 +236,7 @@ def write_family_adapter(
     **lora_kwargs: Any,
 ) -> Path:
     """A real PEFT adapter (``target_parameters`` for experts) with seeded nonzero A and B."""
-    import torch
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, target_parameters=target_parameters, **lora_kwargs)
-    peft_model = get_peft_model(load_family_model(model_dir), config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-    out = Path(out_dir)
-    peft_model.save_pretrained(out)
-    return out
+    return save_seeded_peft_adapter(get_peft_model(load_family_model(model_dir), config), out_dir, seed=seed, scale=scale)

@@ -288,14 +288,19 @@ def write_peft_adapter(
     PEFT initialises B to zero (a no-op adapter); tests need deltas that move logits, so both
     factors are drawn from a seeded generator after ``get_peft_model``.
     """
-    import torch
     from peft import LoraConfig, get_peft_model
 
     model = load_tiny_model(model_dir)
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=target_modules, **lora_kwargs
     )
-    peft_model = get_peft_model(model, config)
+    return save_seeded_peft_adapter(get_peft_model(model, config), out_dir, seed=seed, scale=scale)
+
+
+def save_seeded_peft_adapter(peft_model: Any, out_dir: str | os.PathLike[str], *, seed: int, scale: float) -> Path:
+    """Give every LoRA factor seeded nonzero values (PEFT zero-inits B: its delta would be 0) and save it with PEFT."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
