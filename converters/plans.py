@@ -16,7 +16,7 @@ from gemma4_bridge.errors import BridgeError, ErrorCode
 from gemma4_bridge.layout import Gemma4Layout, LinearSite
 
 from .safetensors_stream import DTYPES, FileRange
-from .sources import TensorSource
+from .sources import TensorSource, unreadable
 
 if TYPE_CHECKING:
     from .experts import ExpertDelta
@@ -159,11 +159,7 @@ class CanonicalPlan:
         try:
             read = reader.read_many(direct) if direct and reader is not None else {}
         except (OSError, ValueError) as exc:
-            raise BridgeError(
-                f"{self.weights_label}: could not read its tensors ({exc}).",
-                fix="the file is truncated or corrupt; copy it again from where it was trained",
-                code=ErrorCode.UNREADABLE,
-            ) from exc
+            raise unreadable(self.weights_label, "its tensors", exc) from exc
         out = {}
         for entry in self.tensors:
             tensor = read.get(entry.source_key)
@@ -188,11 +184,7 @@ class CanonicalPlan:
         try:
             mapped = reader.mapped(entry.source_key)
         except (OSError, ValueError) as exc:
-            raise BridgeError(
-                f"{self.weights_label}: could not read tensor {entry.source_key} ({exc}).",
-                fix="the file is truncated or corrupt; copy it again from where it was trained",
-                code=ErrorCode.UNREADABLE,
-            ) from exc
+            raise unreadable(self.weights_label, f"tensor {entry.source_key}", exc) from exc
         if mapped is None:
             return None
         self._check_finite(entry, mapped[1])

@@ -52,11 +52,7 @@ class TensorSource:
             try:
                 return reader.get(key, scratch)
             except (OSError, ValueError, KeyError) as exc:
-                raise BridgeError(
-                    f"{adapter.weights}: could not read tensor {key} ({exc}).",
-                    fix="the file is truncated or corrupt; copy it again from where it was trained",
-                    code=ErrorCode.UNREADABLE,
-                ) from exc
+                raise unreadable(adapter.weights, f"tensor {key}", exc) from exc
 
         return cls(str(adapter.weights), specs, get, reader)
 
@@ -67,3 +63,12 @@ class TensorSource:
 
     def get(self, key: str, scratch: Any = None) -> Any:
         return self._get(key, scratch) if self.reader is not None else self._get(key)
+
+
+def unreadable(weights: object, what: str, exc: Exception) -> BridgeError:
+    """The error for a weights file whose bytes cannot be read as its header says."""
+    return BridgeError(
+        f"{weights}: could not read {what} ({exc}).",
+        fix="the file is truncated or corrupt; copy it again from where it was trained",
+        code=ErrorCode.UNREADABLE,
+    )
