@@ -31,9 +31,9 @@ from gemma4_bridge.testing.fixtures import (
     VOCAB_SIZE,
     TinySpec,
     _save_processor,
-    _set_finite_clip_bounds,
     build_tokenizer,
     multimodal_token_ids,
+    save_perturbed,
     save_seeded_peft_adapter,
     tiny_config_dict,
 )
@@ -164,15 +164,7 @@ def build_family_member(out_dir: str | os.PathLike[str], spec: FamilySpec) -> Pa
         config = Gemma4Config(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
         config.architectures = ["Gemma4ForConditionalGeneration"]
         model = Gemma4ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # Norm weights and per-expert scales start at exactly 0 or 1: perturb so every weight matters.
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(torch.randn_like(param) * 0.1)
-        if spec.finite_clip_bounds:
-            _set_finite_clip_bounds(model, spec.seed)
-    model.to(getattr(torch, spec.dtype))
-    model.save_pretrained(out, safe_serialization=True)
+    save_perturbed(model, out, seed=spec.seed, finite_clip_bounds=spec.finite_clip_bounds, dtype=spec.dtype)
     tokenizer = build_tokenizer(out)
     if spec.member != "unified":
         _save_processor(out, tokenizer, TinySpec(vision=spec.vision, audio=False))

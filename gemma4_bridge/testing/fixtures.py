@@ -196,6 +196,21 @@ def _set_finite_clip_bounds(model: Any, seed: int) -> int:
     return count
 
 
+def save_perturbed(model: Any, out: Path, *, seed: int, finite_clip_bounds: bool, dtype: str) -> None:
+    """Save a freshly initialised model with every weight mattering: random init leaves norm weights
+    (and MoE per-expert scales) at exactly 0 or 1, and clip bounds at +-inf, where a lost clamp is invisible."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+        if finite_clip_bounds:
+            _set_finite_clip_bounds(model, seed)
+    model.to(getattr(torch, dtype))
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def build_tiny_gemma4(out_dir: str | os.PathLike[str], spec: TinySpec | None = None) -> Path:
     """Write a real ``Gemma4ForConditionalGeneration`` checkpoint, tokenizer and processor to ``out_dir``."""
     import torch
@@ -218,15 +233,7 @@ def build_tiny_gemma4(out_dir: str | os.PathLike[str], spec: TinySpec | None = N
         config = Gemma4Config(**config_dict)
         config.architectures = ["Gemma4ForConditionalGeneration"]
         model = Gemma4ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        # Random init leaves some weights at exactly 0 or 1 (norms); perturb so every weight matters.
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                param.add_(torch.randn_like(param) * 0.1)
-        if spec.finite_clip_bounds:
-            _set_finite_clip_bounds(model, spec.seed)
-    model.to(getattr(torch, spec.dtype))
-    model.save_pretrained(out, safe_serialization=True)
+    save_perturbed(model, out, seed=spec.seed, finite_clip_bounds=spec.finite_clip_bounds, dtype=spec.dtype)
     tokenizer = build_tokenizer(out)
     _save_processor(out, tokenizer, spec)
     (out / "tiny_spec.json").write_text(json.dumps(spec.__dict__, indent=1))
