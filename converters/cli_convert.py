@@ -18,18 +18,13 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import add_adapter_arguments
+
 HELP = "rewrite an adapter into the canonical layout (renames, drops, ZeRO-3 recovery)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adapter_config.json + weights)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="new directory for the canonical adapter")
-    parser.add_argument(
-        "--base", metavar="MODEL_DIR",
-        help="base Gemma 4 checkpoint; default: base_model_name_or_path from adapter_config.json if it is a local dir",
-    )  # fmt: skip
-    parser.add_argument("--zero3-checkpoint", metavar="DIR", help="DeepSpeed checkpoint dir ('latest' + global_stepN/); default: look next to the adapter")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_adapter_arguments(parser, output="new directory for the canonical adapter")
 
 
 def run(args: argparse.Namespace) -> int:

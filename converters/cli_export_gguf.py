@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import add_adapter_arguments
+
 HELP = "write a llama.cpp LoRA GGUF (PEFT's scaling folded in; towers refused with the merge route)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adapter_config.json + weights)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT.gguf", help="the GGUF file to write")
-    parser.add_argument(
-        "--base", metavar="MODEL_DIR",
-        help="base Gemma 4 checkpoint; default: base_model_name_or_path from adapter_config.json if it is a local dir",
-    )  # fmt: skip
-    parser.add_argument("--zero3-checkpoint", metavar="DIR", help="DeepSpeed checkpoint dir for a ZeRO-3-damaged adapter")
+    add_adapter_arguments(parser, output="the GGUF file to write", output_metavar="OUT.gguf")
     parser.add_argument("--outtype", choices=("f32", "f16"), default="f32", help="tensor type in the GGUF (default f32)")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
 def run(args: argparse.Namespace) -> int:

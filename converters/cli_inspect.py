@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from .cli_args import add_adapter_arguments
+
 HELP = "diagnose an adapter: flavour, problems, vLLM/SGLang verdicts (exit 0/1/3)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adapter_config.json + weights)")
-    parser.add_argument(
-        "--base", metavar="MODEL_DIR",
-        help="base Gemma 4 checkpoint; default: base_model_name_or_path from adapter_config.json if it is a local dir",
-    )  # fmt: skip
-    parser.add_argument("--zero3-checkpoint", metavar="DIR", help="DeepSpeed checkpoint dir for a ZeRO-3-damaged adapter (default: look next to it)")
+    add_adapter_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-scan", action="store_true", help="skip reading every value (NaN/Inf check); headers only")
 

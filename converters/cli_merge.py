@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_args import add_adapter_arguments
+
 HELP = "merge an adapter into the base weights (streamed, inside the clamp)"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory (adapter_config.json + weights)")
-    parser.add_argument("--base", required=True, metavar="MODEL_DIR", help="base Gemma 4 checkpoint (safetensors)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="new directory for the merged checkpoint")
-    parser.add_argument("--zero3-checkpoint", metavar="DIR", help="DeepSpeed checkpoint dir for a ZeRO-3-damaged adapter")
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_adapter_arguments(parser, output="new directory for the merged checkpoint", base="base Gemma 4 checkpoint (safetensors)", base_required=True)
 
 
 def run(args: argparse.Namespace) -> int:
