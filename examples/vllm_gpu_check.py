@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -64,28 +65,40 @@ def main() -> int:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function to the workers
     if args.device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if args.model is None:
-        model, adapters = build_tiny(Path(tempfile.mkdtemp(prefix="vllm_gpu_check_")))
-    else:
-        model, adapters = args.model, {}
-    for spec in args.adapter:
-        name, _, path = spec.partition("=")
-        adapters[name] = Path(path)
+    with tempfile.TemporaryDirectory(prefix="vllm_gpu_check_") as work:
+        if args.model is None:
+            model, adapters = build_tiny(Path(work))
+        else:
+            model, adapters = args.model, {}
+        for spec in args.adapter:
+            name, _, path = spec.partition("=")
+            adapters[name] = Path(path)
+        from vllm import LLM
 
-    from vllm import LLM, SamplingParams
+        from gemma4_bridge.demo import parity_prompts
+
+        prompts = parity_prompts(model)
+        llm = LLM(
+            str(model), dtype=args.dtype, tensor_parallel_size=args.tp, enforce_eager=args.device == "cpu", max_model_len=512,
+            max_num_seqs=4, seed=0, enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=2,
+            enable_tower_connector_lora=True, limit_mm_per_prompt={k: 1 for k in prompts if k != "text"},
+        )  # fmt: skip
+        try:
+            return 1 if run_checks(llm, args.tp, model, adapters, prompts, tolerance) else 0
+        finally:
+            llm.llm_engine.engine_core.shutdown()  # workers and engine core gone before the interpreter's teardown
+
+
+def run_checks(llm: Any, tp: int, model: Path, adapters: dict[str, Path], prompts: dict[str, Any], tolerance: float) -> int:
+    """One PASS/FAIL line per row; the number of FAILs."""
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from gemma4_bridge.demo import max_logprob_diff, parity_prompts
+    from gemma4_bridge.demo import max_logprob_diff
 
-    prompts = parity_prompts(model)
-    llm = LLM(
-        str(model), dtype=args.dtype, tensor_parallel_size=args.tp, enforce_eager=args.device == "cpu", max_model_len=512,
-        max_num_seqs=4, seed=0, enable_lora=True, max_lora_rank=args.max_lora_rank, max_loras=2,
-        enable_tower_connector_lora=True, limit_mm_per_prompt={k: 1 for k in prompts if k != "text"},
-    )  # fmt: skip
     failed = 0
     classes = [cls.__name__ for cls in llm.apply_model(type)]  # `type` pickles by name; a lambda would not
-    ok = len(classes) == args.tp and all(c.startswith("Bridge") for c in classes)
+    ok = len(classes) == tp and all(c.startswith("Bridge") for c in classes)
     failed += not ok
     print(f"{'PASS' if ok else 'FAIL'} plugin class in every worker: {classes}", flush=True)
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
@@ -93,9 +106,15 @@ def main() -> int:
         request = LoRARequest(name, i, str(path)) if path is not None else None
         diff = max_logprob_diff(llm, params, prompts, request, model, path)
         failed += diff > tolerance
-        print(f"{'PASS' if diff <= tolerance else 'FAIL'} tp={args.tp} {name} ({', '.join(prompts)}): {diff:.2e} ({tolerance:g})", flush=True)
-    return 1 if failed else 0
+        print(f"{'PASS' if diff <= tolerance else 'FAIL'} tp={tp} {name} ({', '.join(prompts)}): {diff:.2e} ({tolerance:g})", flush=True)
+    return failed
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # An offline vLLM engine can abort the interpreter's teardown after every check ran and the engine was
+    # shut down ("terminate called without an active exception", exit -6, seen on vllm-cpu 0.32 with
+    # tp=2): flush and exit without that teardown, so the exit status is the checks' verdict.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

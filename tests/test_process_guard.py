@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import process_guard
+
 LEAKY = textwrap.dedent(
     """
     import subprocess, sys
@@ -38,9 +40,16 @@ def test_leftover_vllm_process_fails_the_run_and_is_killed(tmp_path: Path) -> No
     assert "VLLM::EngineCore" in run.stderr and "1 passed" in run.stdout, run.stderr
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not Path(f"/proc/{pid}").exists(), "the guard must kill the leftover engine"
+    assert not _alive(pid), "the guard must kill the leftover engine"
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: the killed child is reparented to PID 1 when the inner pytest exits, and a
+    PID 1 that does not reap (a container's shell or init stand-in) leaves it in /proc as state Z."""
+    st = process_guard._stat(pid)
+    return st is not None and st[1] != "Z"
 
 
 def test_clean_run_passes(tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ k_eq_v layer, sharded across ranks) and image (vision tower LoRA, replicated) ag
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,14 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path: Path) -> None:
     script = Path(__file__).parents[1] / "examples" / "vllm_gpu_check.py"
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}", "TMPDIR": str(tmp_path)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    run = subprocess.run([sys.executable, str(script), "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
+    # Own process group: whatever the script leaves (TP workers after a crash) is killed with it.
+    proc = subprocess.Popen([sys.executable, str(script), "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     lines = [line for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert run.returncode == 0 and len(lines) == 4 and all(line.startswith("PASS") for line in lines), run.stdout + run.stderr[-3000:]
     assert any("towers_hand_saved (text, image, audio)" in line for line in lines), lines
