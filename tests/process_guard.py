@@ -45,6 +45,13 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie: a killed process stays in /proc as state Z until its parent (or a PID 1
+    that reaps) collects it."""
+    st = _stat(pid)
+    return st is not None and st[1] != "Z"
+
+
 def describe(pid: int) -> str:
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -68,7 +75,7 @@ def _kill(pids: list[int]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 5
-        while any(_stat(p) and _stat(p)[1] != "Z" for p in pids) and time.monotonic() < deadline:  # type: ignore[index]
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 

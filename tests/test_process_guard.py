@@ -40,16 +40,10 @@ def test_leftover_vllm_process_fails_the_run_and_is_killed(tmp_path: Path) -> No
     assert "VLLM::EngineCore" in run.stderr and "1 passed" in run.stdout, run.stderr
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    # Reparented to PID 1 when the inner pytest exits; one that does not reap leaves a zombie: dead.
+    while process_guard.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _alive(pid), "the guard must kill the leftover engine"
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie: the killed child is reparented to PID 1 when the inner pytest exits, and a
-    PID 1 that does not reap (a container's shell or init stand-in) leaves it in /proc as state Z."""
-    st = process_guard._stat(pid)
-    return st is not None and st[1] != "Z"
+    assert not process_guard.alive(pid), "the guard must kill the leftover engine"
 
 
 def test_clean_run_passes(tmp_path: Path) -> None:
