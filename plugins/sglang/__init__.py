@@ -1,9 +1,11 @@
 """SGLang model class for Gemma 4 LoRA, found through SGLang's plugin entry point.
 
 Installing gemma4-bridge is enough: SGLang runs :func:`register` (entry point group
-``sglang.srt.plugins``) in every process. The documented fallback is
-``SGLANG_EXTERNAL_MODEL_PACKAGE=gemma4_bridge.plugins.sglang``, which makes SGLang's registry read
-``EntryClass`` from the ``gemma4_mm`` submodule.
+``sglang.srt.plugins``) in every process, before it parses the model's config. The documented
+fallback is ``SGLANG_EXTERNAL_MODEL_PACKAGE=gemma4_bridge.plugins.sglang``, which makes SGLang's
+registry read ``EntryClass`` from the ``gemma4_mm`` submodule; that import comes after the config
+is parsed, too late to fix how SGLang parses the 12B Unified's (hook 4 in ``hooks.py``), so
+Unified needs the entry point.
 
 SGLang only logs errors raised while importing a plugin or an external model module, then serves
 the built-in class: a broken install would silently serve adapters wrongly. So every failure here
@@ -23,14 +25,32 @@ from .upstream import ARCH, RESOLVE_MODEL, UPSTREAM_MODELS
 
 logger = logging.getLogger(__name__)
 _entry_classes: dict[str, type] = {}
+# Why SGLang still parses 12B Unified configs with its Gemma4Config alias in this process, if it does
+# (raised by the Unified class when it is built: the plugin loader only logs).
+unified_config_error: BaseException | None = None
 
 
 def register() -> None:
-    """Entry point run by SGLang's plugin loader: hook model resolution (cheap: imports nothing heavy)."""
+    """Entry point run by SGLang's plugin loader: hook model resolution and the Unified config parsing."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(RESOLVE_MODEL, use_bridge_class, HookType.BEFORE)
+    install_unified_config()
     logger.info("gemma4-bridge %s SGLang plugin loaded: %s will be gemma4-bridge's", __version__, ", ".join(UPSTREAM_MODELS))
+
+
+def install_unified_config() -> None:
+    """Hook 4 (``hooks.use_unified_config``) now; a failure is kept for the Unified class to raise."""
+    global unified_config_error
+    try:
+        from .hooks import use_unified_config
+
+        use_unified_config()
+    except Exception as exc:  # the message must reach the user, not only the log
+        logger.error("gemma4-bridge: SGLang will parse 12B Unified configs with its Gemma4Config alias: %s", exc)
+        unified_config_error = exc
+    else:
+        unified_config_error = None
 
 
 def use_bridge_class(model_config: Any, *args: Any, **kwargs: Any) -> None:

@@ -1,4 +1,4 @@
-"""The three places where gemma4-bridge changes SGLang's behaviour, each narrow and named.
+"""The four places where gemma4-bridge changes SGLang's behaviour, each narrow and named.
 
 1. Model class resolution (:data:`upstream.RESOLVE_MODEL`): just before SGLang resolves a
    checkpoint's architecture, our class becomes the registry's ``Gemma4ForConditionalGeneration``
@@ -9,8 +9,14 @@
 3. LoRA buffer sizing of dense modules (:data:`upstream.DENSE_LOCAL_DIM`): for our model only,
    SGLang looks up text-layer base modules among the language model's layers, not the towers'.
 
+4. Config parsing of the 12B Unified (:data:`upstream.CONFIG_REGISTRY`): SGLang's registry entry
+   for ``gemma4_unified`` (an alias of the tower model's Gemma4Config) becomes transformers'
+   Gemma4UnifiedConfig (:func:`use_unified_config`).
+
 Hooks 2 and 3 are installed by our model class when SGLang builds it (so they work with either
-registration route) and leave every other model untouched.
+registration route) and leave every other model untouched. Hook 4 must act before SGLang parses
+the model's config, long before a model class is built: the plugin entry point installs it (every
+SGLang process runs it first); the Unified class refuses a config parsed without it.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from gemma4_bridge.servers import resolve_local_dir
 
 from .adapter import SGLangAdapter, prepare_adapter
 from .upstream import (
+    CONFIG_REGISTRY,
     DENSE_LINEARS_CACHE,
     DENSE_LOCAL_DIM,
     LOAD_ADAPTER,
     LOAD_ADAPTER_FROM_TENSORS,
     LORA_MANAGER,
     LORA_MEMORY_POOL,
+    UNIFIED_CONFIG,
+    UNIFIED_CONFIG_ALIAS,
+    UNIFIED_MODEL_TYPE,
     require_supported_sglang,
 )
 
@@ -97,6 +107,45 @@ def _hook_dense_module_lookup() -> None:
         return dense_local_dim(self, module_name, base_model, layer_idx, axis)
 
     setattr(pool_class, DENSE_LOCAL_DIM, _dense_local_dim)
+
+
+def use_unified_config() -> None:
+    """Hook 4: SGLang parses ``gemma4_unified`` configs with transformers' Gemma4UnifiedConfig; idempotent.
+
+    Only SGLang's known alias is replaced: any other entry means SGLang changed it, so this
+    raises (with the entry) instead of guessing. No entry at all is fine: SGLang then keeps what
+    transformers' AutoConfig parsed, the Unified config.
+    """
+    require_supported_sglang()
+    registry = pkgutil.resolve_name(CONFIG_REGISTRY)
+    unified = unified_config_class()
+    current = registry.get(UNIFIED_MODEL_TYPE)
+    if current is None or current is unified:
+        return
+    if getattr(current, "__name__", None) != UNIFIED_CONFIG_ALIAS:
+        raise BridgeError(
+            f"SGLang's config registry ({CONFIG_REGISTRY}) maps '{UNIFIED_MODEL_TYPE}' to {current!r}, not the "
+            f"{UNIFIED_CONFIG_ALIAS} gemma4-bridge was checked against; it was left alone.",
+            fix="use a gemma4-bridge release that supports the installed SGLang",
+        )
+    registry[UNIFIED_MODEL_TYPE] = unified
+    logger.info(
+        "gemma4-bridge: SGLang parses '%s' configs with transformers' %s (was SGLang's %s, which drops "
+        "the Unified vision/audio configs)", UNIFIED_MODEL_TYPE, unified.__name__, UNIFIED_CONFIG_ALIAS,
+    )
+
+
+def unified_config_class() -> type:
+    """transformers' Gemma4UnifiedConfig, or a BridgeError naming the transformers release."""
+    try:
+        return pkgutil.resolve_name(UNIFIED_CONFIG)
+    except (ImportError, AttributeError) as exc:
+        from transformers import __version__ as found
+
+        raise BridgeError(
+            f"transformers {found} has no Gemma4UnifiedConfig, so SGLang cannot parse a 12B Unified checkpoint's config.",
+            fix="install the transformers SGLang pins (5.19.0 for SGLang 0.5.23) or newer",
+        ) from exc
 
 
 def text_layer_linears(base_model: Any) -> dict[tuple[str, int], Any]:

@@ -64,8 +64,32 @@ class Gemma4UnifiedForConditionalGeneration(_BridgeLoRA, _BuiltinUnified):
     """Built-in SGLang 12B Unified plus the same: its LoRA is the language model's (embedder LoRA is
     refused by the SGLang class profile, naming merge)."""
 
+    def __init__(self, config: Any, quant_config: Any = None, prefix: str = "") -> None:
+        require_unified_config(config)
+        super().__init__(config, quant_config=quant_config, prefix=prefix)
+
 
 BRIDGE_CLASSES: dict[str, type] = {cls.__name__: cls for cls in (Gemma4ForConditionalGeneration, Gemma4UnifiedForConditionalGeneration)}
+
+
+def require_unified_config(config: Any) -> None:
+    """Refuse a Unified config SGLang parsed with its Gemma4Config alias (hook 4 not in place in this
+    process): its vision config lacks the encoder-free embedder's sizes, so SGLang's class fails
+    on a missing attribute instead of saying why."""
+    from . import unified_config_error
+
+    if isinstance(config, hooks.unified_config_class()):
+        return
+    vision = getattr(config, "vision_config", None)
+    cause = f" gemma4-bridge could not fix SGLang's parsing: {unified_config_error}" if unified_config_error else ""
+    raise BridgeError(
+        f"SGLang parsed this 12B Unified checkpoint's config.json as {type(config).__name__} (vision config "
+        f"{type(vision).__name__}), not transformers' Gemma4UnifiedConfig, so its Unified class cannot be built.{cause}",
+        fix=getattr(unified_config_error, "fix", None)
+        or "let SGLang load gemma4-bridge's plugin, which makes every SGLang process parse it right: it does by "
+        "default; if SGLANG_PLUGINS is set, add gemma4_bridge to it (SGLANG_EXTERNAL_MODEL_PACKAGE alone is "
+        "imported after the config is parsed)",
+    )
 
 
 def require_kv_heads_per_rank(layout: Gemma4Layout) -> None:

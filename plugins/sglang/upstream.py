@@ -41,6 +41,16 @@ LOAD_ADAPTER_FROM_TENSORS = "_load_lora_adapter_from_tensors"  # (self, lora_ref
 LORA_MEMORY_POOL = "sglang.srt.lora.mem_pool:LoRAMemoryPool"
 DENSE_LOCAL_DIM = "_dense_local_dim"  # (self, module_name, base_model, layer_idx, axis) -> int | None
 DENSE_LINEARS_CACHE = "_dense_linears"  # {(leaf name, layer id): base layer}, built on first call
+# Config parsing (12B Unified): SGLang's HF config parser re-reads every model_type found in this
+# registry with the registry's class. 0.5.23 registers `gemma4_unified` as an alias of the tower
+# model's Gemma4Config, so a Unified checkpoint's vision_config comes back a Gemma4VisionConfig
+# without `model_patch_size` and SGLang's own Unified class cannot be built. We point that one entry
+# at transformers' Gemma4UnifiedConfig (what the Unified class reads) from the plugin entry point,
+# which every SGLang process runs before it parses the model's config.
+CONFIG_REGISTRY = "sglang.srt.utils.hf_transformers.common:_CONFIG_REGISTRY"  # {model_type: config class}
+UNIFIED_MODEL_TYPE = "gemma4_unified"
+UNIFIED_CONFIG_ALIAS = "_Gemma4UnifiedConfigAlias"  # SGLang's entry for it (a Gemma4Config subclass), replaced
+UNIFIED_CONFIG = "transformers:Gemma4UnifiedConfig"  # what replaces it
 
 
 def sglang_version() -> Version | None:

@@ -58,6 +58,29 @@ def lora_manager(
     return manager, {ref.lora_name: ref for ref in refs}
 
 
+LORA_SLICES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"), "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+LORA_PARENT = {"qkv_proj": "self_attn", "o_proj": "self_attn", "gate_up_proj": "mlp", "down_proj": "mlp"}
+
+
+def lora_buffer_deltas(manager: Any, model: Any, uid: str) -> dict[tuple[int, str], torch.Tensor]:
+    """``scaling * B @ A`` per (text layer, q/k/v/o/gate/up/down slice) of adapter ``uid``, read out of
+    SGLang's LoRA buffers as its kernels slice them."""
+    pool, adapter = manager.memory_pool, manager.loras[uid]
+    slot, rank = pool.uid_to_buffer_id[uid], manager.configs[uid].r
+    out = {}
+    for module, leaves in LORA_SLICES.items():
+        for layer, sg_layer in enumerate(model.language_model.layers):
+            base = getattr(getattr(sg_layer, LORA_PARENT[module]), module).base_layer
+            widths = getattr(base, "output_partition_sizes", None) or [base.output_size]
+            offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
+            a_buf, b_buf = pool.A_buffer[module][layer][slot], pool.B_buffer[module][layer][slot]
+            for i, leaf in enumerate(leaves):
+                a = a_buf[i * rank : (i + 1) * rank].double()
+                b = b_buf[offsets[i] : offsets[i + 1], :rank].double()
+                out[(layer, leaf)] = adapter.scaling * b @ a
+    return out
+
+
 # SGLANG_EXTERNAL_MODEL_PACKAGE is read when SGLang's registry is first imported: a fresh interpreter.
 _EXTERNAL_KEY = pytest.StashKey[subprocess.Popen]()
 EXTERNAL_ROUTE = r"""

@@ -22,29 +22,14 @@ import pytest
 import torch
 from convert_helpers import peft_deltas, write_variant
 from safetensors.torch import load_file
+from sglang_helpers import lora_buffer_deltas
 
-SLICES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"), "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 
 def buffer_deltas(served: dict[str, Any], name: str) -> dict[tuple[int, str], torch.Tensor]:
     """``scaling * B @ A`` per (layer, slice), read out of SGLang's LoRA buffers as its kernels slice them."""
-    manager, model = served["manager"], served["model"]
-    uid = served["refs"][name].lora_id
-    pool, adapter = manager.memory_pool, manager.loras[uid]
-    slot, rank = pool.uid_to_buffer_id[uid], manager.configs[uid].r
-    out = {}
-    for module, leaves in SLICES.items():
-        for layer, sg_layer in enumerate(model.language_model.layers):
-            base = getattr(getattr(sg_layer, PARENT[leaves[0]]), module).base_layer
-            widths = getattr(base, "output_partition_sizes", None) or [base.output_size]
-            offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
-            a_buf, b_buf = pool.A_buffer[module][layer][slot], pool.B_buffer[module][layer][slot]
-            for i, leaf in enumerate(leaves):
-                a = a_buf[i * rank : (i + 1) * rank].double()
-                b = b_buf[offsets[i] : offsets[i + 1], :rank].double()
-                out[(layer, leaf)] = adapter.scaling * b @ a
-    return out
+    return lora_buffer_deltas(served["manager"], served["model"], served["refs"][name].lora_id)
 
 
 def expected_deltas(model_dir: Path, adapter: Path, layout: Any) -> dict[tuple[int, str], torch.Tensor]:

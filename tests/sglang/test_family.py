@@ -6,12 +6,17 @@ Unified, a subclass of the multimodal class (same LoRA: language model only, sam
 Here: SGLang resolves both architectures to gemma4-bridge's classes; each member's language-model
 adapter is prepared for SGLang's loader with PEFT's deltas (V of k_eq_v layers gets k_proj's);
 expert LoRA (every form) and Unified embedder LoRA are refused naming ``gemma4-bridge merge``,
-exactly as ``inspect`` predicts for the SGLang class. Not run: SGLang's MoE kernels (GPU only).
+exactly as ``inspect`` predicts for the SGLang class. Every member builds on CPU from its
+transformers checkpoint through SGLang's own config loading, with LoRA sizes equal to the real
+modules'; the 12B Unified only with the plugin loaded (hook 4: SGLang 0.5.23 parses its config
+with the tower model's Gemma4Config), and its adapter goes through SGLang's own LoRAManager.
+Not run: SGLang's forward pass (its attention and MoE kernels need a GPU: examples/sglang_gpu_check.py).
 """
 
 from __future__ import annotations
 
 import copy
+import pkgutil
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,9 +28,19 @@ import pytest
 import torch
 from family_helpers import per_expert_form
 
-from gemma4_bridge.testing.family import EXPERT_PARAMETERS, NUM_EXPERTS, build_family_member, family_spec, load_family_model, write_family_adapter
+from gemma4_bridge.testing.family import (
+    EXPERT_PARAMETERS,
+    NUM_EXPERTS,
+    UNIFIED_PATCH_SIZE,
+    UNIFIED_POOLING,
+    build_family_member,
+    family_spec,
+    load_family_model,
+    write_family_adapter,
+)
 
 ARCHES = {"Gemma4ForConditionalGeneration": "gemma4_mm", "Gemma4UnifiedForConditionalGeneration": "gemma4_unified"}
+MEMBER_ARCH = {"moe": "Gemma4ForConditionalGeneration", "dense": "Gemma4ForConditionalGeneration", "unified": "Gemma4UnifiedForConditionalGeneration"}
 SGLANG_CLASS = "SGLang 0.5.23 + gemma4-bridge class"
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -156,34 +171,151 @@ def _published_for(sglang_cpu: Any, model_dir: Path) -> Iterator[Any]:
         publish(sglang_cpu, role="test")
 
 
-@pytest.mark.parametrize("member", ["moe", "dense"])
-def test_sglang_builds_member_with_real_lora_sizes(member: str, members: dict[str, dict[str, Path]], sglang_cpu: Any) -> None:
-    """Our class builds the 26B-A4B-shaped MoE (SGLang's Gemma4MoE) and the 31B-like model on CPU,
-    and the LoRA buffer size it reports for every text layer is the real module's."""
-    from sglang_helpers import build_sglang_model
+@pytest.fixture(scope="module")
+def plugins_loaded() -> None:
+    """What every SGLang process does before it parses the model's config: run the plugins."""
+    from sglang.srt.plugins import load_plugins
 
-    from gemma4_bridge.plugins.sglang import load_entry_class
+    load_plugins()
 
-    with _published_for(sglang_cpu, members[member]["model"]) as server_args:
-        model, _ = build_sglang_model(server_args, load_entry_class())
+
+@contextmanager
+def _fresh_config_parse() -> Iterator[None]:
+    """SGLang caches parsed configs by path (get_config): parse anew inside, and forget it afterwards."""
+    from sglang.srt.utils.hf_transformers.config import get_config
+
+    get_config.cache_clear()
+    try:
+        yield
+    finally:
+        get_config.cache_clear()
+
+
+class _Built(dict):
+    """{member: (our class built by SGLang's ModelConfig + load_weights on CPU, its ModelConfig)}, each
+    built on first use (one member failing to build fails its own tests only)."""
+
+    def __init__(self, members: dict[str, dict[str, Path]], sglang_cpu: Any) -> None:
+        super().__init__()
+        self.members, self.sglang_cpu = members, sglang_cpu
+
+    def __missing__(self, member: str) -> tuple[Any, Any]:
+        from sglang_helpers import build_sglang_model
+
+        from gemma4_bridge.plugins.sglang import load_entry_class
+
+        with _published_for(self.sglang_cpu, self.members[member]["model"]) as server_args, _fresh_config_parse():
+            self[member] = build_sglang_model(server_args, load_entry_class(MEMBER_ARCH[member]))
+        return self[member]
+
+
+@pytest.fixture(scope="module")
+def built(members: dict[str, dict[str, Path]], sglang_cpu: Any, plugins_loaded: None) -> _Built:
+    return _Built(members, sglang_cpu)
+
+
+def test_sglang_parses_unified_config_with_transformers_class(members: dict[str, dict[str, Path]], built: _Built) -> None:
+    """With the plugin loaded, SGLang's own config loading (ModelConfig.from_server_args) gives the
+    12B Unified checkpoint transformers' Gemma4UnifiedConfig: vision and audio configs equal to
+    what transformers itself parses (SGLang 0.5.23 alone: a Gemma4VisionConfig without model_patch_size)."""
+    from transformers import Gemma4UnifiedConfig
+
+    hf_config = built["unified"][1].hf_config
+    reference = Gemma4UnifiedConfig.from_pretrained(members["unified"]["model"])
+    assert type(hf_config) is Gemma4UnifiedConfig
+    for sub in ("vision_config", "audio_config"):
+        assert type(getattr(hf_config, sub)) is type(getattr(reference, sub))
+        assert getattr(hf_config, sub).to_dict() == getattr(reference, sub).to_dict(), sub
+    assert hf_config.vision_config.model_patch_size == UNIFIED_PATCH_SIZE * UNIFIED_POOLING
+
+
+@pytest.mark.parametrize("member", ["moe", "dense", "unified"])
+def test_sglang_builds_member_with_real_lora_sizes(member: str, members: dict[str, dict[str, Path]], built: _Built) -> None:
+    """Our class builds the 26B-A4B-shaped MoE (SGLang's Gemma4MoE), the 31B-like model and the 12B
+    Unified (its encoder-free embedders holding the checkpoint's weights) on CPU, and the LoRA buffer
+    size it reports for every text layer is the real module's."""
+    from safetensors.torch import load_file
+
+    model = built[member][0]
+    assert type(model).__name__ == MEMBER_ARCH[member] and type(model).__module__ == "gemma4_bridge.plugins.sglang.model"
     for index, layer in enumerate(model.language_model.layers):
         for parent, module in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
             base = getattr(getattr(layer, parent), module)
             assert model.get_hidden_dim(module, index) == (base.input_size, base.output_size), (member, index, module)
     if member == "moe":
         assert all(layer.moe is not None for layer in model.language_model.layers)
+    if member == "unified":
+        checkpoint = load_file(members[member]["model"] / "model.safetensors")
+        embedders = {k: v for k, v in checkpoint.items() if not k.startswith("model.language_model.")}
+        assert {k.removeprefix("model.") for k in embedders} >= {"vision_embedder.patch_dense.weight", "embed_vision.embedding_projection.weight", "embed_audio.embedding_projection.weight"}
+        params = dict(model.named_parameters())
+        for key, tensor in embedders.items():
+            torch.testing.assert_close(params[key.removeprefix("model.")], tensor, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_sglang_cannot_build_unified_from_a_transformers_checkpoint(members: dict[str, dict[str, Path]], sglang_cpu: Any) -> None:
-    """Measured limit of SGLang 0.5.23: it parses ``gemma4_unified`` configs with the tower model's
-    Gemma4Config (an alias in its config registry), so the vision config lacks Unified's
-    ``model_patch_size`` and its Unified class fails to build. Fails when SGLang fixes it."""
+def test_sglang_loads_unified_language_model_lora_with_peft_deltas(members: dict[str, dict[str, Path]], built: _Built, sglang_cpu: Any) -> None:
+    """SGLang's own LoRAManager over the built Unified: the text adapter (loaded as --lora-paths does)
+    sits in SGLang's LoRA buffers as PEFT's deltas, slice by slice (zero where transformers has no
+    module); the embedder adapter is refused through the same load path, naming merge, nothing half-loaded."""
+    from sglang.srt.lora.lora_registry import LoRARef
+    from sglang_helpers import lora_buffer_deltas, lora_manager
+
+    paths, (model, model_config) = members["unified"], built["unified"]
+    peft = _peft_deltas(paths["model"], paths["text"])
+    with _published_for(sglang_cpu, paths["model"]) as server_args:
+        manager, refs = lora_manager(model, model_config, server_args, {"text": paths["text"]}, max_loras_per_batch=3)
+        uid = refs["text"].lora_id
+        manager.fetch_new_loras({uid})
+        got = lora_buffer_deltas(manager, model, uid)
+        checked = 0
+        for (layer, leaf), delta in got.items():
+            text_layer = model.gemma4_layout.text_layers[layer]
+            source = "k_proj" if leaf == "v_proj" and text_layer.v_is_k_proj else leaf
+            want = peft.get(f"model.language_model.layers.{layer}.{PARENT[leaf]}.{source}")
+            if want is None:
+                assert not torch.count_nonzero(delta), (layer, leaf)
+                continue
+            torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-6, msg=lambda m, k=(layer, leaf): f"{k}: {m}")
+            checked += 1
+        assert checked >= 5 * len(model.language_model.layers) - 2 * len(model.gemma4_layout.kv_shared_layers)
+        before = set(manager.loras)
+        ref = LoRARef(lora_name="embedders", lora_path=str(paths["embedders"]), pinned=False)
+        result = manager._load_lora_adapter(ref)  # the path --lora-paths (start) and /load_lora_adapter take
+    assert not result.success and result.error_message.startswith("gemma4-bridge: ")
+    assert "language model only" in result.error_message and "gemma4-bridge merge" in result.error_message, result.error_message
+    assert set(manager.loras) == before and ref.lora_id not in manager.configs
+
+
+@pytest.mark.parametrize(("entry", "expect"), [
+    ("alias", ["Gemma4VisionConfig", "SGLANG_PLUGINS", "gemma4_bridge", "SGLANG_EXTERNAL_MODEL_PACKAGE"]),
+    ("changed", ["could not fix SGLang's parsing", "was left alone", "gemma4-bridge release that supports"]),
+])  # fmt: skip
+def test_unified_config_parsed_without_the_hook_is_refused_with_the_fix(
+    entry: str, expect: list[str], members: dict[str, dict[str, Path]], sglang_cpu: Any, plugins_loaded: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process where SGLang still parses with its alias (only SGLANG_EXTERNAL_MODEL_PACKAGE, or a
+    registry entry the hook does not know and so leaves alone): our Unified class refuses to be
+    built, naming the cause and the fix, instead of SGLang's AttributeError on model_patch_size."""
+    import gemma4_bridge.plugins.sglang as pkg
+    from gemma4_bridge.errors import BridgeError
+    from gemma4_bridge.plugins.sglang.upstream import CONFIG_REGISTRY, UNIFIED_MODEL_TYPE
     from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.utils.hf_transformers import common
 
-    from gemma4_bridge.plugins.sglang import load_entry_class
-
-    with _published_for(sglang_cpu, members["unified"]["model"]) as server_args:
-        model_config = ModelConfig.from_server_args(server_args)
-        assert type(model_config.hf_config.vision_config).__name__ == "Gemma4VisionConfig"
-        with pytest.raises(AttributeError, match="model_patch_size"):
-            load_entry_class("Gemma4UnifiedForConditionalGeneration")(config=model_config.hf_config, quant_config=None)
+    registry = pkgutil.resolve_name(CONFIG_REGISTRY)
+    if entry == "alias":  # what SGLang 0.5.23 ships, as in a process that did not run the plugin
+        monkeypatch.setitem(registry, UNIFIED_MODEL_TYPE, common._Gemma4UnifiedConfigAlias)
+    else:
+        changed = type("ChangedUpstreamAlias", (common._Gemma4UnifiedConfigAlias,), {})  # an entry the hook was not checked against
+        monkeypatch.setitem(registry, UNIFIED_MODEL_TYPE, changed)
+        monkeypatch.setattr(pkg, "unified_config_error", None)
+        pkg.install_unified_config()  # what register() runs
+        assert registry[UNIFIED_MODEL_TYPE] is changed
+    with _published_for(sglang_cpu, members["unified"]["model"]) as server_args, _fresh_config_parse():
+        hf_config = ModelConfig.from_server_args(server_args).hf_config
+    assert type(hf_config.vision_config).__name__ == "Gemma4VisionConfig"
+    assert not hasattr(hf_config.vision_config, "model_patch_size")  # what SGLang's class would trip on
+    with pytest.raises(BridgeError, match="parsed this 12B Unified checkpoint's config.json as") as err:
+        pkg.load_entry_class("Gemma4UnifiedForConditionalGeneration")(config=hf_config, quant_config=None)
+    for fragment in expect:
+        assert fragment in str(err.value), str(err.value)

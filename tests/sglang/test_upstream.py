@@ -8,9 +8,12 @@ the tiny model; when SGLang fixes one, the test says which part of ours may go.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib
 import inspect
 import pkgutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,10 @@ FINGERPRINTS: dict[str, tuple[str, str]] = {
     "sglang.srt.lora.utils:get_normalized_target_modules": ("b7a85037ab00e602", "q/k/v -> qkv_proj, gate/up -> gate_up_proj; strings other than all(-linear) refused"),
     "sglang.srt.lora.utils:get_target_module_name": ("49bf2d90eb74b962", "substring match of the stacked name in the tensor key"),
     "sglang.srt.lora.utils:get_stacked_multiply": ("a3cff041ddfbabd3", "qkv_proj 3, gate_up_proj 2"),
+    "sglang.srt.utils.hf_transformers.config:HfModelConfigParser.parse": ("178843edf3c90c5f", "re-reads a model_type found in _CONFIG_REGISTRY with the registry's class (the entry hook 4 replaces)"),
+    "sglang.srt.utils.hf_transformers.config:get_config": ("fe60e8bb60b3dd97", "one parser per call, cached by path: a parse before the plugins ran would stick (the Unified class refuses it)"),
+    "sglang.srt.utils.hf_transformers.common:_Gemma4UnifiedConfigAlias": ("8c800a49f3f5d070", "the alias hook 4 replaces: the tower model's Gemma4Config under model_type gemma4_unified"),
+    "sglang.srt.models.gemma4_unified:Gemma4UnifiedForConditionalGeneration.__init__": ("bc6d81cbdc502567", "reads Gemma4UnifiedConfig's vision/audio configs (model_patch_size, mm_embed_dim, output_proj_dims)"),
 }
 
 
@@ -93,3 +100,68 @@ def test_builtin_adapter_loading_breaks_on_gemma4_adapters(sg_model: tuple[Any, 
     adapter = LoRAAdapter("raw", explicit, model.config.text_config, LoadConfig(), None, base_model=model)
     with pytest.raises(KeyError, match="v_proj"):
         adapter.initialize_weights_from_tensors(load_file(src / "adapter_model.safetensors"))
+
+
+# Hook 4 (Unified config parsing) must run before SGLang parses the model's config in every process.
+# Each SGLang process entry: (function, or a module's `if __name__ == "__main__":` block; the first
+# statement that can parse the config or publish the server args for parsing).
+PROCESS_ENTRIES: dict[str, str] = {
+    "sglang.launch_server:__main__": "prepare_server_args",
+    "sglang.cli.serve:serve": "auto_detect",
+    "sglang.srt.entrypoints.engine:Engine.__init__": "server_args",
+    "sglang.srt.entrypoints.engine:Engine._launch_subprocesses": "check_server_args",
+    "sglang.srt.managers.scheduler:run_scheduler_process": "publish(",
+    "sglang.srt.managers.data_parallel_controller:run_data_parallel_controller_process": "publish(",
+    "sglang.srt.managers.detokenizer_manager:run_detokenizer_process": "publish(",
+}
+
+
+def _entry_statements(target: str) -> list[str]:
+    """The top-level statements of ``target``'s body (docstring left out), as source."""
+    module_name, qualname = target.split(":")
+    if qualname == "__main__":
+        tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
+        body = next(n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)).body
+    else:
+        function = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(pkgutil.resolve_name(target))))).body[0]
+        assert isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        body = function.body
+    docstring = body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    return [ast.unparse(n) for n in body[1 if docstring else 0 :]]
+
+
+@pytest.mark.parametrize("target", sorted(PROCESS_ENTRIES))
+def test_every_sglang_process_runs_plugins_before_it_parses_the_config(target: str) -> None:
+    """Hook 4 is installed by our plugin entry point: each process must run load_plugins() first."""
+    statements = _entry_statements(target)
+    marker = PROCESS_ENTRIES[target]
+    plugins = next((i for i, s in enumerate(statements) if "load_plugins()" in s), None)
+    parse = next((i for i, s in enumerate(statements) if marker in s and "load_plugins()" not in s), None)
+    assert plugins is not None and parse is not None and plugins < parse, (
+        f"SGLang changed {target}: it no longer runs load_plugins() before `{marker}`. gemma4-bridge's "
+        "plugin makes SGLang parse 12B Unified configs with transformers' Gemma4UnifiedConfig (hooks.use_unified_config); "
+        "find where this process now parses the config and install the hook before it."
+    )
+
+
+def test_sglang_still_parses_unified_with_its_gemma4_alias(tmp_path: Path) -> None:
+    """Why hook 4 exists: SGLang's own registry entry for gemma4_unified is the tower model's
+    Gemma4Config, which loses Unified's vision config. Fails when SGLang fixes it: then
+    hooks.use_unified_config and upstream.CONFIG_REGISTRY/UNIFIED_CONFIG_ALIAS may be retired."""
+    from sglang.srt.utils.hf_transformers import common
+    from transformers import Gemma4Config
+
+    from gemma4_bridge.plugins.sglang.upstream import UNIFIED_CONFIG_ALIAS, UNIFIED_MODEL_TYPE
+    from gemma4_bridge.testing.family import build_family_member, family_spec
+
+    module = ast.parse(inspect.getsource(common))
+    entries = [ast.unparse(n) for n in module.body if UNIFIED_MODEL_TYPE in ast.unparse(n) and "_CONFIG_REGISTRY[" in ast.unparse(n)]
+    assert any(f"_CONFIG_REGISTRY['{UNIFIED_MODEL_TYPE}'] = {UNIFIED_CONFIG_ALIAS}" in e for e in entries), (
+        f"SGLang no longer registers {UNIFIED_CONFIG_ALIAS} for '{UNIFIED_MODEL_TYPE}': hook 4 may be retired"
+    )
+    alias = getattr(common, UNIFIED_CONFIG_ALIAS)
+    assert issubclass(alias, Gemma4Config) and alias.model_type == UNIFIED_MODEL_TYPE
+    model = build_family_member(tmp_path / "unified", family_spec("unified", audio=False))
+    parsed = alias.from_pretrained(model)
+    assert type(parsed.vision_config).__name__ == "Gemma4VisionConfig"
+    assert not hasattr(parsed.vision_config, "model_patch_size"), f"SGLang's {UNIFIED_CONFIG_ALIAS} parses Unified right now: hook 4 may be retired"
