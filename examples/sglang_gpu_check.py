@@ -8,7 +8,9 @@ and that an adapter with tower LoRA is refused with gemma4-bridge's message.
 
 Needs a CUDA GPU and ``pip install "gemma4-bridge[sglang]" peft``. With no --model, it builds the
 tiny Gemma 4 of the test suite (sliding/full head sizes, KV-shared layers, k_eq_v, double-wide MLP)
-and real PEFT adapters for it, so it runs in a minute on any GPU:
+and real PEFT adapters for it, then the tiny 12B Unified of the family tests (encoder-free
+embedders: SGLang builds it only with the plugin's config hook) with a language-model adapter and
+an embedder adapter that must be refused; one server each, so it runs in a few minutes on any GPU:
 
     python examples/sglang_gpu_check.py                        # tiny model, float32
     python examples/sglang_gpu_check.py --model /models/gemma-4-E2B-it --adapter mine=/ckpt/lora \\
@@ -39,7 +41,11 @@ PROMPTS = [
 TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def build_tiny(workdir: Path) -> tuple[Path, dict[str, Path], Path]:
+# (label, model, {name: adapter} that must serve PEFT's numbers, refused adapter or None, words its refusal must contain)
+Check = tuple[str, Path, dict[str, Path], Path | None, tuple[str, ...]]
+
+
+def build_tiny(workdir: Path) -> Check:
     """Tiny Gemma 4 plus adapters: regex text LoRA, PEFT's q/v default, rsLoRA with patterns; and an all-linear one (towers)."""
     from gemma4_bridge.testing.fixtures import build_tiny_gemma4, variant, write_peft_adapter
 
@@ -52,7 +58,19 @@ def build_tiny(workdir: Path) -> tuple[Path, dict[str, Path], Path]:
         ),
     }
     towers = write_peft_adapter(model, workdir / "all_linear", seed=5)
-    return model, adapters, towers
+    return "tiny Gemma 4 (E-series layers)", model, adapters, towers, ("gemma4-bridge", "tower")
+
+
+def build_tiny_unified(workdir: Path) -> Check:
+    """Tiny 12B Unified plus a language-model adapter (k_proj on its k_eq_v layer included) and an embedder one."""
+    from gemma4_bridge.testing.family import build_family_member, family_spec, write_family_adapter
+
+    model = build_family_member(workdir / "model", family_spec("unified"))
+    adapters = {"unified_text": write_family_adapter(model, workdir / "unified_text", target_modules=TEXT_TARGETS, seed=11)}
+    embedders = write_family_adapter(
+        model, workdir / "embedders", target_modules=r".*(language_model.*\.q_proj|patch_dense|embedding_projection)", seed=13
+    )
+    return "tiny 12B Unified", model, adapters, embedders, ("gemma4-bridge", "language model only", "gemma4-bridge merge")
 
 
 def hf_prompt_logprobs(model_dir: Path, adapter: Path | None, token_ids: list[list[int]], dtype: str) -> list[list[float]]:
@@ -148,36 +166,15 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--model", type=Path, help="Gemma 4 model directory (default: build the tiny test model)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="adapter to check (repeatable)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tolerance", type=float, default=2e-3, help="max |logprob difference| per token (default 2e-3, float32)")
-    parser.add_argument("--route", choices=["entry-point", "env"], default="entry-point", help="how SGLang finds the class")
-    parser.add_argument("--port", type=int, default=30123)
-    parser.add_argument("--max-lora-rank", type=int, default=16)
-    parser.add_argument("--startup-timeout", type=float, default=600)
-    parser.add_argument("--server-arg", action="append", default=[], help="extra argument for sglang.launch_server (repeatable)")
-    parser.add_argument("--workdir", type=Path, help="where the tiny model and logs go (default: a temp dir)")
-    args = parser.parse_args()
-
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sglang-gpu-check-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    towers = None
-    if args.model is None:
-        model, adapters, towers = build_tiny(workdir)
-    else:
-        model = args.model
-        adapters = dict(spec.split("=", 1) for spec in args.adapter)
-        adapters = {name: Path(path) for name, path in adapters.items()}
-    if not adapters:
-        parser.error("give at least one --adapter NAME=DIR with --model")
+def check(args: argparse.Namespace, spec: Check, workdir: Path) -> list[str]:
+    """Serve ``spec``'s model and adapters with one SGLang server; the failures found."""
+    label, model, adapters, refused, refusal_words = spec
     names = list(adapters)
     at_start = {n: adapters[n] for n in names[::2]}  # the rest is loaded at run time (/load_lora_adapter)
 
     from transformers import AutoTokenizer
 
+    print(f"\n== {label}: {model}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model)
     token_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     log_path = workdir / "server.log"
@@ -206,17 +203,44 @@ def main() -> int:
                 failures.append(f"{name}: SGLang differs from transformers + PEFT by {diff:.3e} > {args.tolerance}")
             if name != rows[0][0] and effect <= 10 * args.tolerance:
                 failures.append(f"{name}: the adapter barely changes the logprobs ({effect:.2e}); the comparison proves little")
-        if towers is not None:
-            status, body = post(f"{base_url}/load_lora_adapter", {"lora_name": "towers", "lora_path": str(towers)})
+        if refused is not None:
+            status, body = post(f"{base_url}/load_lora_adapter", {"lora_name": "refused", "lora_path": str(refused)})
             message = json.dumps(body)
-            print(f"\ntower adapter: HTTP {status}: {message[:300]}")
-            if status == 200 or "gemma4-bridge" not in message or "tower" not in message:
-                failures.append("the all-linear adapter (tower LoRA) was not refused with gemma4-bridge's message")
+            print(f"\n{refused.name} adapter: HTTP {status}: {message[:300]}")
+            if status == 200 or not all(word in message for word in refusal_words):
+                failures.append(f"the {refused.name} adapter was not refused with gemma4-bridge's message ({', '.join(refusal_words)})")
     except RuntimeError as err:  # the server did not come up, or a request failed
         failures.append(str(err))
     finally:
         stop(proc)
-    print(f"\nserver log: {log_path}")
+    print(f"server log: {log_path}")
+    return [f"{label}: {failure}" for failure in failures]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--model", type=Path, help="Gemma 4 model directory (default: build the tiny test models)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="adapter to check (repeatable)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tolerance", type=float, default=2e-3, help="max |logprob difference| per token (default 2e-3, float32)")
+    parser.add_argument("--route", choices=["entry-point", "env"], default="entry-point", help="how SGLang finds the class")
+    parser.add_argument("--port", type=int, default=30123)
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--server-arg", action="append", default=[], help="extra argument for sglang.launch_server (repeatable)")
+    parser.add_argument("--workdir", type=Path, help="where the tiny models and logs go (default: a temp dir)")
+    args = parser.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sglang-gpu-check-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.model is None:
+        runs = [(build_tiny(workdir / "e_series"), workdir / "e_series"), (build_tiny_unified(workdir / "unified"), workdir / "unified")]
+    else:
+        adapters = {name: Path(path) for name, path in (spec.split("=", 1) for spec in args.adapter)}
+        if not adapters:
+            parser.error("give at least one --adapter NAME=DIR with --model")
+        runs = [((str(args.model), args.model, adapters, None, ()), workdir)]
+    failures = [failure for spec, run_dir in runs for failure in check(args, spec, run_dir)]
     for failure in failures:
         print(f"FAIL: {failure}")
     print("OK: SGLang serves every adapter as transformers + PEFT computes it" if not failures else f"{len(failures)} failure(s)")
