@@ -101,6 +101,9 @@ def describe(cls):
     return out
 
 report = {"ok": describe(ModelRegistry.resolve_model_cls(["Gemma4ForConditionalGeneration"])[0])}
+# Without the entry point, nothing changes how SGLang parses 12B Unified configs (hook 4).
+from sglang.srt.utils.hf_transformers.common import _CONFIG_REGISTRY
+report["unified_config"] = _CONFIG_REGISTRY["gemma4_unified"].__name__
 # A broken install: an import error inside the package, then SGLang's own registry scan again.
 import gemma4_bridge.plugins.sglang as pkg
 pkg._entry_classes.clear()

@@ -247,7 +247,8 @@ def test_sglang_builds_member_with_real_lora_sizes(member: str, members: dict[st
     if member == "unified":
         checkpoint = load_file(members[member]["model"] / "model.safetensors")
         embedders = {k: v for k, v in checkpoint.items() if not k.startswith("model.language_model.")}
-        assert {k.removeprefix("model.") for k in embedders} >= {"vision_embedder.patch_dense.weight", "embed_vision.embedding_projection.weight", "embed_audio.embedding_projection.weight"}
+        expected = {"vision_embedder.patch_dense.weight", "embed_vision.embedding_projection.weight", "embed_audio.embedding_projection.weight"}
+        assert {k.removeprefix("model.") for k in embedders} >= expected
         params = dict(model.named_parameters())
         for key, tensor in embedders.items():
             torch.testing.assert_close(params[key.removeprefix("model.")], tensor, rtol=0, atol=0, msg=lambda m, k=key: f"{k}: {m}")

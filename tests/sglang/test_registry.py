@@ -87,6 +87,9 @@ def test_plugin_route_import_error_is_visible(plugins_loaded: None, monkeypatch:
 def test_external_model_package_resolves_our_class(request: pytest.FixtureRequest) -> None:
     report, _ = _external_report(external_route_process(request.config))
     assert report["ok"] == {"module": OURS, "name": ARCH, "subclass_of_builtin": True}
+    # The env route alone leaves SGLang's Unified config alias in place (the README says: keep the
+    # plugin for the 12B Unified; test_family shows the Unified class then refuses, naming that).
+    assert report["unified_config"] == "_Gemma4UnifiedConfigAlias"
     broken = report["broken"]
     assert broken["name"] == ARCH and not broken["subclass_of_builtin"], "fell back to SGLang's built-in class"
     assert BROKEN_MESSAGE in broken["construct_error"]

@@ -51,10 +51,14 @@ FINGERPRINTS: dict[str, tuple[str, str]] = {
     "sglang.srt.lora.utils:get_normalized_target_modules": ("b7a85037ab00e602", "q/k/v -> qkv_proj, gate/up -> gate_up_proj; strings other than all(-linear) refused"),
     "sglang.srt.lora.utils:get_target_module_name": ("49bf2d90eb74b962", "substring match of the stacked name in the tensor key"),
     "sglang.srt.lora.utils:get_stacked_multiply": ("a3cff041ddfbabd3", "qkv_proj 3, gate_up_proj 2"),
-    "sglang.srt.utils.hf_transformers.config:HfModelConfigParser.parse": ("178843edf3c90c5f", "re-reads a model_type found in _CONFIG_REGISTRY with the registry's class (the entry hook 4 replaces)"),
-    "sglang.srt.utils.hf_transformers.config:get_config": ("fe60e8bb60b3dd97", "one parser per call, cached by path: a parse before the plugins ran would stick (the Unified class refuses it)"),
-    "sglang.srt.utils.hf_transformers.common:_Gemma4UnifiedConfigAlias": ("8c800a49f3f5d070", "the alias hook 4 replaces: the tower model's Gemma4Config under model_type gemma4_unified"),
-    "sglang.srt.models.gemma4_unified:Gemma4UnifiedForConditionalGeneration.__init__": ("bc6d81cbdc502567", "reads Gemma4UnifiedConfig's vision/audio configs (model_patch_size, mm_embed_dim, output_proj_dims)"),
+    "sglang.srt.utils.hf_transformers.config:HfModelConfigParser.parse": (
+        "178843edf3c90c5f", "re-reads a model_type found in _CONFIG_REGISTRY with the registry's class (the entry hook 4 replaces)"),
+    "sglang.srt.utils.hf_transformers.config:get_config": (
+        "fe60e8bb60b3dd97", "one parser per call, cached by path: a parse before the plugins ran sticks (the Unified class refuses it)"),
+    "sglang.srt.utils.hf_transformers.common:_Gemma4UnifiedConfigAlias": (
+        "8c800a49f3f5d070", "the alias hook 4 replaces: the tower model's Gemma4Config under model_type gemma4_unified"),
+    "sglang.srt.models.gemma4_unified:Gemma4UnifiedForConditionalGeneration.__init__": (
+        "bc6d81cbdc502567", "reads Gemma4UnifiedConfig's vision/audio configs (model_patch_size, mm_embed_dim, output_proj_dims)"),
 }
 
 
