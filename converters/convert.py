@@ -103,7 +103,7 @@ def _convert(
 
     try:
         with atomic_output_dir(out_path, force=force) as tmp, progress_bar(len(specs), "convert") as bar:
-            write_streaming(tmp / SAFETENSORS_NAME, specs, produce, metadata, lambda _: bar.update(1))
+            write_streaming(tmp / SAFETENSORS_NAME, specs, produce, metadata, lambda _: bar.update(1), data_start=p.copy_data_start())
             (tmp / CONFIG_NAME).write_text(json.dumps(p.config, indent=2, sort_keys=True) + "\n")
     finally:
         p.close()

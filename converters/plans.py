@@ -15,7 +15,7 @@ from gemma4_bridge import __version__
 from gemma4_bridge.errors import BridgeError, ErrorCode
 from gemma4_bridge.layout import Gemma4Layout, LinearSite
 
-from .safetensors_stream import DTYPES, FileRange
+from .safetensors_stream import COPY_ALIGN, DTYPES, FileRange
 from .sources import TensorSource, unreadable
 
 if TYPE_CHECKING:
@@ -136,6 +136,22 @@ class CanonicalPlan:
         if reader is None or self._mapped(entry) is None:
             return None
         return reader.file_range(entry.source_key)
+
+    def copy_data_start(self) -> int | None:
+        """The output data start (modulo :data:`COPY_ALIGN`) that puts the most bytes copied
+        verbatim (:meth:`raw_bytes`) at their source offsets modulo it, when the output holds
+        :attr:`tensors` in order: the kernel then copies whole folios (see ``write_streaming``).
+        None when no tensor is copied verbatim."""
+        reader = self._source.reader
+        votes: dict[int, int] = {}
+        offset = 0
+        for entry in self.tensors:
+            nbytes = math.prod(entry.shape) * DTYPES[entry.dtype][1]
+            if self._verbatim(entry):
+                shift = (reader.data_start + reader.header[entry.source_key]["data_offsets"][0] - offset) % COPY_ALIGN
+                votes[shift] = votes.get(shift, 0) + nbytes
+            offset += nbytes
+        return max(votes, key=votes.__getitem__) if votes else None
 
     def check_values(self) -> None:
         """Read every value once and refuse NaN/Inf, keeping nothing: a safetensors source is

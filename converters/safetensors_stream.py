@@ -74,12 +74,21 @@ class FileRange:
     nbytes: int
 
 
+# The kernel copies whole page-cache folios only where a copy starts on a multiple of this in both
+# files (ext4, Linux 6.18, 763 MB in 32 MB calls: 0.21 s CPU, as `cp`; 0.30-0.33 s with either
+# offset 8 bytes, 4 KiB or 16 KiB off a multiple, or both equal but off): write_streaming puts the
+# output's data at the source's offsets modulo it, copy_range starts its calls on multiples of it.
+COPY_ALIGN = 64 << 10
+
+
 def write_streaming(
     path: Path,
     specs: Sequence[TensorSpec],
     produce: Callable[[TensorSpec], Any],
     metadata: dict[str, str] | None = None,
     on_written: Callable[[TensorSpec], None] | None = None,
+    *,
+    data_start: int | None = None,
 ) -> None:
     """Write ``specs`` to ``path``; ``produce(spec)`` returns the tensor for one spec when needed.
 
@@ -87,6 +96,11 @@ def write_streaming(
     first stays true. ``produce`` may instead return the tensor's raw little-endian bytes (a
     buffer of exactly ``spec.nbytes``) or a :class:`FileRange` of them, which are written as they
     are on a writer thread: no tensor is built.
+
+    ``data_start``: the file offset, modulo :data:`COPY_ALIGN`, where the tensor data should
+    start; when the tensors are file ranges, pass the one that puts them at their source offsets
+    modulo :data:`COPY_ALIGN`, so the kernel copies whole folios. The header is padded with spaces
+    (as safetensors pads it) to get there; ignored unless a multiple of 8 (dtype alignment).
     """
     header: dict[str, Any] = {}
     if metadata:
@@ -97,6 +111,8 @@ def write_streaming(
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    if data_start is not None and data_start % 8 == 0:
+        raw += b" " * ((data_start - 8 - len(raw)) % COPY_ALIGN)
     with path.open("wb", buffering=0) as f:
         _write_all(f, len(raw).to_bytes(8, "little") + raw)
         writer = _BackgroundWriter(f)
@@ -205,7 +221,9 @@ def copy_range(f: Any, r: FileRange) -> None:
     for copy in (_copy_file_range, _sendfile):
         try:
             while left:
-                n = copy(r.fd, out, offset, left)
+                # First up to the source's next COPY_ALIGN boundary: from there on (the output at
+                # the same offset modulo COPY_ALIGN, see write_streaming) whole folios are copied.
+                n = copy(r.fd, out, offset, min(left, -offset % COPY_ALIGN or left))
                 if n == 0:
                     raise ValueError(f"source file ends before byte {offset + left} (truncated while converting?)")
                 offset, left = offset + n, left - n
@@ -355,9 +373,9 @@ class SafetensorsReader:
             size = os.fstat(fd).st_size
             if size < hi:
                 raise ValueError(f"{name}: tensor data ends at byte {hi} but the file now has {size} bytes (truncated?)")
-            # Populated at once: one call maps the window instead of a page fault per 16 pages.
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            m = mmap.mmap(fd, hi - lo, flags=flags, prot=mmap.PROT_READ, offset=lo)
+            # Not MAP_POPULATE: it maps page by page, while a fault maps a whole large folio of the
+            # page cache (Linux 6.18, 763 MB mapped and summed: 0.044 s CPU faulting, 0.071 s populated).
+            m = mmap.mmap(fd, hi - lo, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=lo)
             with warnings.catch_warnings():  # read-only on purpose: the tensor is only read
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.frombuffer(m, dtype=torch.uint8)
