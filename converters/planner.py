@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Absence, Gemma4Layout, LinearSite
-from gemma4_bridge.names import PEFT_PREFIX, Resolution, canonical_module_path, lora_key, parse_key, resolve_key
+from gemma4_bridge.names import PEFT_PREFIX, ParsedKey, Resolution, canonical_module_path, lora_key, parse_key, resolve_parsed
 
 from .experts import ExpertPlanner
 from .peft_config import canonical_config, effective_rank_alpha, lora_scaling
@@ -157,7 +157,7 @@ class Planner:
                 self.flavour("no-peft-prefix")
             if self.expert_planner.take(parsed, shape, dtype):
                 continue
-            res = self._resolve(key)
+            res = self._resolve(key, parsed)
             assert res is not None
             # A naming row that only restates the base's own naming (causal-LM keys on a text-only
             # Gemma4ForCausalLM base) is not a flavour to fix.
@@ -181,13 +181,15 @@ class Planner:
             out.append((res, shape, dtype))
         return out
 
-    def _resolve(self, key: str) -> Resolution | None:
-        """resolve_key against the base; without a base, the naming table alone (no site, no ``.linear``)."""
-        if self.layout is not None:
-            return resolve_key(key, self.layout)
-        parsed = parse_key(key)
+    def _resolve(self, key: str, parsed: ParsedKey | None = None) -> Resolution | None:
+        """resolve_key against the base; without a base, the naming table alone (no site, no ``.linear``).
+        ``parsed``: the key already parsed."""
         if parsed is None:
-            return None
+            parsed = parse_key(key)
+            if parsed is None:
+                return None
+        if self.layout is not None:
+            return resolve_parsed(parsed, self.layout)
         path, variant = canonical_module_path(parsed.module)
         return Resolution(parsed, None, lora_key(path, parsed.part, parsed.kind), variant, False, None)
 
@@ -303,6 +305,7 @@ class Planner:
         sites: dict[str, LinearSite | None] = {}
         tensors: list[PlannedTensor] = []
         unrecoverable: set[str] = set()
+        source_modules: dict[str, str] = {}  # canonical key -> module path as the source wrote it
         for res, shape, dtype in resolved:
             from_zero3 = 0 in shape and res.canonical_key in zero3_names
             if from_zero3:
@@ -315,6 +318,7 @@ class Planner:
             entry = PlannedTensor(res.canonical_key, res.parsed.key, tuple(shape), dtype, from_zero3)
             by_module.setdefault(module, {})[res.parsed.part] = entry
             sites[module] = res.site
+            source_modules[entry.key] = res.parsed.module
             tensors.append(entry)
         modules: list[ModuleDelta] = []
         for module, parts in by_module.items():
@@ -334,7 +338,7 @@ class Planner:
                     "the adapter is corrupt or mixes two adapters; save it again from the training run", (a.source_key, b.source_key),
                 )  # fmt: skip
                 continue
-            source_module = parse_key(a.source_key).module  # type: ignore[union-attr]
+            source_module = source_modules[a.key]
             r_cfg, alpha = effective_rank_alpha(self.config, source_module)
             rank = a.shape[0]
             if rank != r_cfg:

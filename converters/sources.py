@@ -33,20 +33,19 @@ class TensorSource:
         if adapter.is_pickle:
             state = adapter._pickle_state()  # weights_only=True, allow-listed
             return cls.from_tensors(str(adapter.weights), state)
-        from gemma4_bridge.layout import read_safetensors_header
-
-        header = read_safetensors_header(adapter.weights)
+        reader = SafetensorsReader(adapter.weights)  # the header, read and checked once, through the descriptor kept
+        header = reader.header
         specs: dict[str, tuple[tuple[int, ...], str]] = {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
             if info.get("dtype") not in LORA_DTYPES:
+                reader.close()
                 raise BridgeError(
                     f"{adapter.weights}: tensor {key} has dtype {info.get('dtype')}, not a LoRA weight dtype.",
                     fix="save LoRA weights in float32, bfloat16 or float16",
                 )
             specs[key] = (tuple(info["shape"]), CODE_TO_DTYPE[info["dtype"]])
-        reader = SafetensorsReader(adapter.weights, header)
 
         def get(key: str, scratch: Any = None) -> Any:
             try:

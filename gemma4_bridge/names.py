@@ -89,8 +89,9 @@ def parse_key(key: str) -> ParsedKey | None:
 def canonical_module_path(module: str) -> tuple[str, str]:
     """Map a module path in any known naming to transformers naming; returns (path, variant)."""
     for variant, pattern, replacement in MODULE_PATH_VARIANTS:
-        if pattern.match(module):
-            return pattern.sub(replacement, module), variant
+        path, matched = pattern.subn(replacement, module, count=1)  # anchored at the start (^): one match
+        if matched:
+            return path, variant
     return module, "unknown"
 
 
@@ -107,8 +108,11 @@ def canonical_key(site: LinearSite, part: str, kind: str = "weight") -> str:
 def resolve_key(key: str, layout: Gemma4Layout) -> Resolution | None:
     """Resolve one adapter key against the base layout; None if it is not a LoRA tensor."""
     parsed = parse_key(key)
-    if parsed is None:
-        return None
+    return None if parsed is None else resolve_parsed(parsed, layout)
+
+
+def resolve_parsed(parsed: ParsedKey, layout: Gemma4Layout) -> Resolution:
+    """:func:`resolve_key` for a key already parsed (the planner parses each key once)."""
     path, variant = canonical_module_path(parsed.module)
     site = layout.site(path)
     added_linear = False
