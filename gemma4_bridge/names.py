@@ -21,27 +21,28 @@ def _module_path_variants() -> tuple[tuple[str, re.Pattern[str], str], ...]:
     """The naming rows, derived from the component table (a new component is named everywhere)."""
     prefixes = "|".join(re.escape(c.prefix) for c in COMPONENTS)
     return (
-        ("transformers", re.compile(rf"^((?:{prefixes}).*)$"), r"\1"),
+        ("transformers", re.compile(rf"^((?:{prefixes}).*)$"), ""),
         *(
-            ("vllm", re.compile(rf"^{re.escape(c.vllm_prefix)}(.*)$"), c.prefix + r"\1")
+            ("vllm", re.compile(rf"^{re.escape(c.vllm_prefix)}(.*)$"), c.prefix)
             for c in COMPONENTS
         ),
         # Gemma4ForCausalLM: the decoder layers and the per-layer-input projection sit right under ``model``.
         *(
-            ("causal-lm", re.compile(rf"^{re.escape(c.text_only_prefix)}(layers\..*|per_layer_model_projection)$"), c.prefix + r"\1")
+            ("causal-lm", re.compile(rf"^{re.escape(c.text_only_prefix)}(layers\..*|per_layer_model_projection)$"), c.prefix)
             for c in COMPONENTS
             if c.text_only_prefix
         ),
         *(
-            ("bare", re.compile(rf"^{c.name}\.(layers\..*|encoder\..*)$"), c.prefix + r"\1")
+            ("bare", re.compile(rf"^{c.name}\.(layers\..*|encoder\..*)$"), c.prefix)
             for c in COMPONENTS
             if c.kind in ("language_model", "tower")
         ),
     )
 
 
-# (flavour, pattern on the module path after the PEFT prefix is removed, replacement).
-# First match wins; the result is then resolved against the layout (``.linear`` added for towers).
+# (flavour, pattern on the module path after the PEFT prefix is removed, prefix): the transformers
+# path is the prefix + the pattern's group 1. First match wins; the result is then resolved against
+# the layout (``.linear`` added for towers).
 MODULE_PATH_VARIANTS: tuple[tuple[str, re.Pattern[str], str], ...] = _module_path_variants()
 _KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>" + "|".join(LORA_PARTS) + r")(?:\.(?P<adapter>[A-Za-z0-9_\-]+))?(?:\.(?P<kind>weight|bias))?$"
@@ -88,10 +89,10 @@ def parse_key(key: str) -> ParsedKey | None:
 
 def canonical_module_path(module: str) -> tuple[str, str]:
     """Map a module path in any known naming to transformers naming; returns (path, variant)."""
-    for variant, pattern, replacement in MODULE_PATH_VARIANTS:
-        path, matched = pattern.subn(replacement, module, count=1)  # anchored at the start (^): one match
-        if matched:
-            return path, variant
+    for variant, pattern, prefix in MODULE_PATH_VARIANTS:
+        m = pattern.match(module)
+        if m:  # what pattern.sub(prefix + r"\1", module) returns, without a template per call
+            return prefix + m.group(1) + module[m.end() :], variant
     return module, "unknown"
 
 

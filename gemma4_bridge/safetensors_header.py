@@ -193,19 +193,16 @@ def _check_entry(name: str, info: Any, path: Path) -> tuple[int, int]:
     if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPE_BITS:
         raise _corrupt(path, f"unknown dtype {_short(info['dtype'])} (safetensors knows {', '.join(DTYPE_BITS)})", name)
     shape = info["shape"]
-    if not isinstance(shape, list) or not all(_is_usize(d) for d in shape):
+    # usize checks, inlined (once per tensor of every header read); `type(x) is int` refuses bool, as safetensors does
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _USIZE_MAX for d in shape):
         raise _corrupt(path, f"shape {_short(shape)} is not a list of non-negative integers", name)
     offsets = info["data_offsets"]
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_usize(o) for o in offsets):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and 0 <= o <= _USIZE_MAX for o in offsets):
         raise _corrupt(path, f"data_offsets {_short(offsets)} are not two non-negative integers [begin, end]", name)
     begin, end = offsets
     if begin > end:
         raise _corrupt(path, f"data_offsets [{begin}, {end}] are reversed (begin after end)", name)
     return begin, end
-
-
-def _is_usize(x: Any) -> bool:
-    return type(x) is int and 0 <= x <= _USIZE_MAX  # bool is an int subclass: refused, as safetensors does
 
 
 def _json_kind(x: Any) -> str:
