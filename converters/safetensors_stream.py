@@ -145,11 +145,16 @@ class _BackgroundWriter:
 
     Only raw buffers and file ranges are queued: a view stays valid while queued (it keeps its
     memory map alive); a range's file must stay open until :meth:`drain`. Adjacent ranges of one
-    file are copied as one run of up to ``RUN`` bytes: the kernel copies a 0.7 MB range 5x slower
-    per byte than a long one (measured on ext4, 1,154 ranges of a 763 MB adapter: 2.6 s vs 0.6 s).
+    file are copied as one run of up to ``RUN`` bytes: fewer calls and hand-offs, and where the
+    output is not aligned with the source (see :data:`COPY_ALIGN`) the kernel copies a 0.7 MB range
+    5x slower per byte than a long one (ext4, 1,154 ranges of a 763 MB adapter: 2.6 s vs 0.6 s).
+    An idle writer (at the start) gets a run as soon as ``IDLE_RUN`` bytes are ready, so the copy
+    starts after the first tensors are checked, not the first ``RUN`` bytes (aligned, 1 MB runs
+    copy as fast as 32 MB ones: 0.197 s vs 0.195 s CPU for 763 MB).
     """
 
     RUN = 32 << 20
+    IDLE_RUN = 1 << 20
 
     def __init__(self, f: Any) -> None:
         self.f = f
@@ -178,6 +183,8 @@ class _BackgroundWriter:
         run = self.run
         if isinstance(data, FileRange) and run is not None and run.fd == data.fd and run.offset + run.nbytes == data.offset and run.nbytes < self.RUN:
             self.run = FileRange(run.fd, run.offset, run.nbytes + data.nbytes)
+            if not self.queue.unfinished_tasks and self.run.nbytes >= self.IDLE_RUN:
+                self._flush_run()  # the writer is idle (at the start): give it what is ready
             return
         self._flush_run()
         if isinstance(data, FileRange):
