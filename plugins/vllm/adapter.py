@@ -123,12 +123,13 @@ def _check_non_token(p: CanonicalPlan) -> None:
         )
 
 
-def prepare_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext) -> PreparedAdapter:
-    """Canonical tensors (values read once, mmap) plus the vLLM fixes; logs what was dropped or added."""
-    return adapt_plan(check_adapter(adapter_dir, ctx))
+def prepare_adapter(adapter_dir: str | os.PathLike[str], ctx: ServingContext, values_checked: bool = False) -> PreparedAdapter:
+    """Canonical tensors (mmap) plus the vLLM fixes; logs what was dropped or added. Values are
+    checked finite unless ``values_checked`` (a validated snapshot: the front end checked them)."""
+    return adapt_plan(check_adapter(adapter_dir, ctx), check_finite=not values_checked)
 
 
-def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
+def adapt_plan(p: CanonicalPlan, check_finite: bool = True) -> PreparedAdapter:
     """The plugin profile's ``adapt``: load the plan's tensors and give V slices k_proj's LoRA."""
     assert p.layout is not None, "the plugin always plans against the served base"
     refusal = expert_refusal(p)
@@ -141,7 +142,7 @@ def adapt_plan(p: CanonicalPlan) -> PreparedAdapter:
     copies: list[str] = []
     # vLLM 0.34 applies k_proj LoRA to V on k_eq_v layers itself; copying there would apply it twice.
     copy_k_to_v = bool(detect_bug("k_eq_v_v_lora").present)
-    loaded = p.load_all()
+    loaded = p.load_all(check_finite=check_finite)
     for module in p.modules:
         a, b = loaded[module.a.key], loaded[module.b.key]
         tensors[_serving_key(module.a.key, module.site)], tensors[_serving_key(module.b.key, module.site)] = a, b

@@ -33,13 +33,20 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   bytes that were validated, whatever happens to the user's files meanwhile. Which modules vLLM
   builds LoRA layers for is predicted from the layout and flags; tests/test_vllm_engine.py checks
   the prediction against the modules vLLM really wrapped.
+* ``AsyncLLM.add_request`` (API server, every request, async): the same check and copy as above,
+  in a worker thread (``asyncio.to_thread``), so the event loop keeps answering other requests
+  while a new adapter version is copied and checked (760 MB: ~0.5 s of CPU); concurrent first
+  requests for one version await one shared task. It hands ``process_inputs`` (synchronous, called
+  in the event loop for rendered prompts) the snapshot's path, which that hook passes through; an
+  offline ``LLM`` never reaches this hook and is checked in ``process_inputs``.
 * ``OpenAIServingModels.load_lora_adapter`` (API server, ``POST /v1/load_lora_adapter`` and
   ``--lora-modules``): the same check before vLLM hands the directory to the engine, answered as
-  HTTP 400 with the bridge's message (vLLM would answer 500 after a traceback in the worker).
+  HTTP 400 with the bridge's message (vLLM would answer 500 after a traceback in the worker);
+  off the event loop like ``add_request``.
 * ``OpenAIServingModels.resolve_lora`` (API server, a request naming an unknown adapter with
   runtime updating on): an adapter that :mod:`.resolver` finds in ``GEMMA4_BRIDGE_LORA_DIR`` is
   checked the same way first, so a refused one answers 400 with the bridge's message and fix
-  (vLLM would answer a bare "could not be loaded" after a worker traceback).
+  (vLLM would answer a bare "could not be loaded" after a worker traceback); off the event loop.
 * ``EngineCore.add_request`` (engine core): a Gemma 4 request whose adapter is not in the worker's
   cache (first use, or evicted) loads it on arrival, outside any model step; if the worker refuses
   it (say its snapshot was tampered with), that request alone finishes with an error (inside a
@@ -48,6 +55,7 @@ check, so an upstream change fails a test instead of silently bypassing the plug
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -101,6 +109,8 @@ def verify_upstream() -> list[str]:
         missing = [p for p in hook.params if p not in found]
         if missing:
             problems.append(f"{hook.module}.{hook.qualname} lost parameter(s) {missing} (has {list(found)})")
+        if hook.is_async is not None and inspect.iscoroutinefunction(upstream(name)) != hook.is_async:
+            problems.append(f"{hook.module}.{hook.qualname} is {'no longer' if hook.is_async else 'now'} a coroutine function")
     return problems
 
 
@@ -117,6 +127,7 @@ def install() -> None:
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -128,6 +139,9 @@ def install() -> None:
     if needed("frontend_process_inputs"):
         _ORIGINALS["frontend_process_inputs"] = InputProcessor.process_inputs
         InputProcessor.process_inputs = _process_inputs  # type: ignore[method-assign]
+    if needed("frontend_add_request"):
+        _ORIGINALS["frontend_add_request"] = AsyncLLM.add_request
+        AsyncLLM.add_request = _add_request  # type: ignore[method-assign]
     if needed("frontend_load_lora_adapter"):
         _ORIGINALS["frontend_load_lora_adapter"] = OpenAIServingModels.load_lora_adapter
         OpenAIServingModels.load_lora_adapter = _load_lora_adapter  # type: ignore[method-assign]
@@ -244,7 +258,9 @@ def _from_local_checkpoint(cls: Any, lora_dir: str, expected_lora_modules: set[s
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import get_lora_id
 
-    prepared = prepare_adapter(lora_dir, serving)
+    # A validated snapshot's values were checked by the front end and cannot have changed since
+    # (snapshot.is_validated_copy): plan it (the structure the load needs) without reading them twice.
+    prepared = prepare_adapter(lora_dir, serving, values_checked=snapshot.is_validated_copy(lora_dir))
     model = mapper.model_ref() if mapper.model_ref is not None else None
     if model is not None:
         check_modules_wrapped(prepared.plan, _wrapped_modules(model), mapper, model.packed_modules_mapping)
@@ -312,21 +328,62 @@ def _validated_path(processor: Any, lora_path: str) -> str | None:
     return str(snapshot.validated_snapshot(lora_path, lambda d: check_values(check_adapter(d, ctx))))
 
 
-def _process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
-    original = _ORIGINALS["frontend_process_inputs"]
+# Copies + checks in flight in the API server, per file version: concurrent first requests share one.
+_IN_FLIGHT: dict[tuple[object, ...], asyncio.Future[str | None]] = {}
+
+
+async def _validated_path_off_loop(processor: Any, lora_path: str) -> str | None:
+    """:func:`_validated_path` without blocking the event loop: a new file version is copied and
+    checked in a worker thread, once, however many requests name it meanwhile."""
+    if snapshot.is_snapshot(lora_path) or _frontend_context(processor) is None or not Path(lora_path).is_dir():
+        return None
+    done = snapshot.cached(lora_path)  # the common case: this version was validated before
+    if done is not None:
+        return str(done)
+    key = snapshot.file_version(lora_path)
+    task = _IN_FLIGHT.get(key)
+    if task is None:
+        task = asyncio.ensure_future(asyncio.to_thread(_validated_path, processor, lora_path))
+        _IN_FLIGHT[key] = task
+        task.add_done_callback(lambda t: (_IN_FLIGHT.pop(key, None), t.cancelled() or t.exception()))
+    return await asyncio.shield(task)  # a client that goes away does not cancel the others' check
+
+
+def _served_request(lora_request: Any, served: str | None) -> Any:
+    import msgspec
+
+    return lora_request if served is None else msgspec.structs.replace(lora_request, lora_path=served)
+
+
+def _refused(lora_request: Any, err: BridgeError) -> Exception:
+    from vllm.exceptions import VLLMValidationError
+
+    return VLLMValidationError(f"LoRA adapter '{lora_request.lora_name}': {err}")
+
+
+async def _add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+    original = _ORIGINALS["frontend_add_request"]
     bound = _signature(original).bind(self, *args, **kwargs)
     lora_request = bound.arguments.get("lora_request")
     if lora_request is not None:
         try:
+            served = await _validated_path_off_loop(self.input_processor, lora_request.lora_path)
+        except BridgeError as err:
+            raise _refused(lora_request, err) from err
+        bound.arguments["lora_request"] = _served_request(lora_request, served)
+    return await original(*bound.args, **bound.kwargs)
+
+
+def _process_inputs(self: Any, *args: Any, **kwargs: Any) -> Any:
+    original = _ORIGINALS["frontend_process_inputs"]
+    bound = _signature(original).bind(self, *args, **kwargs)
+    lora_request = bound.arguments.get("lora_request")
+    if lora_request is not None:  # via add_request above: already the snapshot (passed through)
+        try:
             served = _validated_path(self, lora_request.lora_path)
         except BridgeError as err:
-            from vllm.exceptions import VLLMValidationError
-
-            raise VLLMValidationError(f"LoRA adapter '{lora_request.lora_name}': {err}") from err
-        if served is not None:
-            import msgspec
-
-            bound.arguments["lora_request"] = msgspec.structs.replace(lora_request, lora_path=served)
+            raise _refused(lora_request, err) from err
+        bound.arguments["lora_request"] = _served_request(lora_request, served)
     return original(*bound.args, **bound.kwargs)
 
 
@@ -339,14 +396,13 @@ async def _load_lora_adapter(self: Any, request: Any, *args: Any, **kwargs: Any)
     """Refuse a bad adapter with 400 and the bridge's message before the engine sees it."""
     if request.lora_path and Path(request.lora_path).is_dir():
         try:
-            _validated_path(self.input_processor, request.lora_path)
+            await _validated_path_off_loop(self.input_processor, request.lora_path)
         except BridgeError as err:
             from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
             logger.warning("gemma4-bridge: refused to load LoRA adapter '%s': %s", request.lora_name, err)
             return create_error_response(f"LoRA adapter '{request.lora_name}': {err}")
     return await _ORIGINALS["frontend_load_lora_adapter"](self, request, *args, **kwargs)
-
 
 
 async def _resolve_lora(self: Any, lora_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -356,7 +412,7 @@ async def _resolve_lora(self: Any, lora_name: str, *args: Any, **kwargs: Any) ->
     path = adapter_dir(lora_name)
     if path is not None and lora_name not in self.lora_requests:
         try:
-            _validated_path(self.input_processor, str(path))
+            await _validated_path_off_loop(self.input_processor, str(path))
         except BridgeError as err:
             from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 

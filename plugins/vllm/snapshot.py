@@ -8,9 +8,11 @@ once per file version into a private directory (``GEMMA4_BRIDGE_SNAPSHOT_DIR`` o
 mode 0700, named after this process; removed at exit, and by the next process if this one was
 killed), validates the *copy* with every check the worker makes, and hands the worker the copy's
 path. The copy is private, written once and never changed, so whatever the worker reads later
-(first load, reload after eviction) is byte for byte what was validated. The kernel copies the
-bytes (``copy_file_range``): the front end's event loop pays for the value check, not for moving
-or hashing the file (a 760 MB adapter cost ~0.9 s of SHA-256 alone).
+(first load, reload after eviction) is byte for byte what was validated, so the worker checks
+its structure again (it needs the plan) but not its values (:func:`is_validated_copy`). The kernel
+copies the bytes (``copy_file_range``; a 760 MB adapter cost ~0.9 s of SHA-256 alone). Copy and
+check run once per file version even when several threads ask at once (one lock per version);
+the API server runs them off its event loop (``hooks._validated_path_off_loop``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import contextlib
 import itertools
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,22 +40,48 @@ _WEIGHT_NAMES = (SAFETENSORS_NAME, *PICKLE_NAMES)
 _VERDICTS: dict[tuple[object, ...], Path | BridgeError] = {}
 _ROOT: list[Path] = []
 _SERIAL = itertools.count()  # names the snapshots of this process's private directory
+_LOCK = threading.Lock()  # guards _ROOT and _VERSION_LOCKS
+_VERSION_LOCKS: dict[tuple[object, ...], threading.Lock] = {}  # one per file version: one copy + check, however many ask
 
 
 def snapshot_root() -> Path:
     """This process's private snapshot directory (created on first use, removed at exit)."""
-    if not _ROOT:
-        parent = Path(os.environ.get(SNAPSHOT_ENV) or tempfile.gettempdir())
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(parent)
-        root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
-        atexit.register(shutil.rmtree, root, True)
-        _ROOT.append(root)
-    return _ROOT[0]
+    with _LOCK:
+        if not _ROOT:
+            parent = _snapshot_parent()
+            parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(parent)
+            root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
+            atexit.register(shutil.rmtree, root, True)
+            _ROOT.append(root)
+        return _ROOT[0]
+
+
+def _snapshot_parent() -> Path:
+    return Path(os.environ.get(SNAPSHOT_ENV) or tempfile.gettempdir())
 
 
 def is_snapshot(path: str | os.PathLike[str]) -> bool:
-    return bool(_ROOT) and Path(path).parent == _ROOT[0]
+    """A validated snapshot of this process (not a ``.staging-`` directory still being checked)."""
+    p = Path(path)
+    return bool(_ROOT) and p.parent == _ROOT[0] and p.name.isdigit()
+
+
+def is_validated_copy(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a snapshot some front end of this user validated (any process: the worker
+    runs in another one than the API server). Such a copy is renamed into place only after every
+    check passed and lies in a directory only this user can write (mode 0700), so its values need
+    no second check; anything else (a staging directory, a foreign or loosened root) does."""
+    p = Path(path)
+    root = p.parent
+    if not (p.name.isdigit() and root.name.startswith(_PREFIX)):
+        return False
+    try:
+        st = root.lstat()
+        same_parent = root.parent.resolve() == _snapshot_parent().resolve()
+    except OSError:
+        return False
+    return same_parent and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700
 
 
 def _remove_stale(parent: Path) -> None:
@@ -79,8 +109,22 @@ def validated_snapshot(adapter_dir: str | os.PathLike[str], validate: Callable[[
     """The snapshot of ``adapter_dir`` that ``validate`` accepted (copied and checked once per file version).
 
     ``validate`` runs on the copy; a :class:`BridgeError` it raises is re-raised (and remembered for
-    this file version) with the copy's path replaced by the user's directory."""
+    this file version) with the copy's path replaced by the user's directory. Thread-safe: callers
+    asking for the same file version at once wait for one copy and check."""
     key = file_version(adapter_dir)
+    with _LOCK:
+        version_lock = _VERSION_LOCKS.setdefault(key, threading.Lock())
+    with version_lock:
+        return _snapshot_once(key, Path(adapter_dir), validate)
+
+
+def cached(adapter_dir: str | os.PathLike[str]) -> Path | None:
+    """The validated snapshot of ``adapter_dir``'s current file version, if already made (no work)."""
+    verdict = _VERDICTS.get(file_version(adapter_dir))
+    return verdict if isinstance(verdict, Path) and verdict.is_dir() else None
+
+
+def _snapshot_once(key: tuple[object, ...], adapter_dir: Path, validate: Callable[[Path], None]) -> Path:
     verdict = _VERDICTS.get(key)
     if isinstance(verdict, BridgeError):
         raise verdict
@@ -88,11 +132,11 @@ def validated_snapshot(adapter_dir: str | os.PathLike[str], validate: Callable[[
         return verdict
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=snapshot_root()))
     try:
-        _copy(Path(adapter_dir), staging)
+        _copy(adapter_dir, staging)
         validate(staging)
     except BridgeError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        renamed = _renamed(err, staging, Path(adapter_dir))
+        renamed = _renamed(err, staging, adapter_dir)
         _VERDICTS[key] = renamed
         raise renamed from None
     except BaseException:

@@ -46,6 +46,7 @@ class Hook:
     params: tuple[str, ...]  # parameters the wrapper passes on or reads
     patched: bool = True  # False: only called or relied on, never replaced
     bug: str | None = None  # key of BUGS: patched only in releases (and installs) where that bug is present
+    is_async: bool | None = None  # the wrapper is a coroutine function (True) or a plain one (False): upstream's must match
 
 
 _KERNEL_PARAMS = ("inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor")
@@ -64,12 +65,16 @@ HOOKS: dict[str, Hook] = {
     # engine, and the engine loads a request's adapter before scheduling it, so a bad adapter fails that
     # request (HTTP 400) instead of raising inside a model step.
     "frontend_process_inputs": Hook("vllm.v1.engine.input_processor", "InputProcessor.process_inputs", ("self", "lora_request"),
-                                    bug="worker_adapter_errors"),
+                                    bug="worker_adapter_errors", is_async=False),
+    # The same check off the API server's event loop (a worker thread), before the synchronous process_inputs.
+    "frontend_add_request": Hook("vllm.v1.engine.async_llm", "AsyncLLM.add_request", ("self", "lora_request"),
+                                 bug="worker_adapter_errors", is_async=True),
     "frontend_load_lora_adapter": Hook("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.load_lora_adapter",
-                                       ("self", "request"), bug="worker_adapter_errors"),
+                                       ("self", "request"), bug="worker_adapter_errors", is_async=True),
     "engine_add_request": Hook("vllm.v1.engine.core", "EngineCore.add_request", ("self", "request"), bug="worker_adapter_errors"),
     # Adapters found by name (resolver.py) are checked by the planner first: 400 with the fix, not a worker error.
-    "frontend_resolve_lora": Hook("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora", ("self", "lora_name")),
+    "frontend_resolve_lora": Hook("vllm.entrypoints.openai.models.serving", "OpenAIServingModels.resolve_lora", ("self", "lora_name"),
+                                  is_async=True),
     "rename_mapper": Hook("vllm.model_executor.models.utils", "WeightsMapper.get_rename_mapper", ("self",), patched=False),
     "cpu_bgmv_shrink": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_shrink", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
     "cpu_bgmv_expand": Hook("vllm.lora.ops.torch_ops.lora_ops", "bgmv_expand", _KERNEL_PARAMS, bug="cpu_slot_minus_one"),
@@ -98,6 +103,18 @@ class SourceFact:
 
 
 SOURCE_FACTS: dict[str, SourceFact] = {
+    # frontend_add_request: the API server reaches the engine through the async add_request, which calls the
+    # synchronous process_inputs in the event loop for rendered prompts (why the copy + check move to a thread there).
+    "generate_awaits_add_request": SourceFact(
+        "v1/engine/async_llm.py", "q = await self.add_request(",
+        "AsyncLLM.generate / encode (the API server's entry) await add_request, which receives the lora_request",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "add_request_processes_inputs_in_loop": SourceFact(
+        "v1/engine/async_llm.py", "request = self.input_processor.process_inputs(",
+        "add_request calls the synchronous process_inputs (our check's other hook) in the event loop for rendered prompts",
+        dict.fromkeys(RELEASES, True),
+    ),
     "cpu_unmasked_slot": SourceFact(
         "lora/ops/torch_ops/lora_ops.py", "selected_loras = lora_b_weights[lora_indices_tensor]",
         "CPU LoRA kernels index the stacked weights with slot -1 (= the last slot)",
@@ -215,9 +232,9 @@ def _imported_from(tree: ast.Module, module: str, name: str) -> str | None:
     return None
 
 
-def source_params(root: Path, module: str, qualname: str, _depth: int = 0) -> tuple[str, ...] | None:
-    """Parameter names of ``module.qualname`` read from a release's source files (following base
-    classes imported into the module), None if gone."""
+def source_def(root: Path, module: str, qualname: str, _depth: int = 0) -> tuple[tuple[str, ...], bool] | None:
+    """(parameter names, is ``async def``) of ``module.qualname`` read from a release's source files
+    (following base classes imported into the module), None if gone."""
     path = _module_file(root, module)
     if path is None or _depth > 3:
         return None
@@ -233,12 +250,12 @@ def source_params(root: Path, module: str, qualname: str, _depth: int = 0) -> tu
     func = next((n for n in body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == func_name), None)
     if func is not None:
         a = func.args
-        return tuple(x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs))
+        return tuple(x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)), isinstance(func, ast.AsyncFunctionDef)
     for base in cls.bases if cls is not None else ():
         if isinstance(base, ast.Name):
             in_module = any(isinstance(n, ast.ClassDef) and n.name == base.id for n in tree.body)
             origin = module if in_module else _imported_from(tree, module, base.id)
-            if origin and (found := source_params(root, origin, f"{base.id}.{func_name}", _depth + 1)) is not None:
+            if origin and (found := source_def(root, origin, f"{base.id}.{func_name}", _depth + 1)) is not None:
                 return found
     return None
 
@@ -247,11 +264,15 @@ def verify_source(root: Path, release: str) -> list[str]:
     """Differences between a release's source (parsed, not imported) and this table's column for it."""
     problems = []
     for name, hook in HOOKS.items():
-        found = source_params(root, hook.module, hook.qualname)
-        if found is None:
+        defined = source_def(root, hook.module, hook.qualname)
+        if defined is None:
             problems.append(f"{hook.module}.{hook.qualname} is gone")
-        elif missing := [p for p in hook.params if p not in found]:
+            continue
+        found, is_async = defined
+        if missing := [p for p in hook.params if p not in found]:
             problems.append(f"{hook.module}.{hook.qualname} lost parameter(s) {missing} (has {list(found)})")
+        if hook.is_async is not None and is_async != hook.is_async:
+            problems.append(f"{hook.module}.{hook.qualname} is {'now' if is_async else 'no longer'} a coroutine function")
         if hook.bug is not None and release not in BUGS[hook.bug].per_release:
             problems.append(f"hook {name}: bug {hook.bug} has no column for {release}")
     for key, fact in SOURCE_FACTS.items():
