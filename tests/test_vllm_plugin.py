@@ -59,7 +59,10 @@ def test_upstream_contract_check_detects_changes(monkeypatch: pytest.MonkeyPatch
     from gemma4_bridge.plugins.vllm.upstream import Hook
 
     monkeypatch.setitem(hooks.HOOKS, "fake", Hook("vllm.lora.lora_model", "LoRAModel.from_lora_tensors", ("no_such_param",)))
-    assert any("no_such_param" in p for p in hooks.verify_upstream())
+    monkeypatch.setitem(hooks.HOOKS, "fake_async", Hook("vllm.lora.lora_model", "LoRAModel.from_lora_tensors", (), is_async=True))
+    problems = hooks.verify_upstream()
+    assert any("no_such_param" in p for p in problems)
+    assert "vllm.lora.lora_model.LoRAModel.from_lora_tensors is no longer a coroutine function" in problems
 
 
 def test_upstream_facts_the_plugin_relies_on() -> None:

@@ -94,3 +94,112 @@ def test_front_end_refuses_a_damaged_adapter_as_a_request_error(tiny_dir: Path, 
         # Refused before vLLM's own processing (which the stand-in processor could not run).
         InputProcessor.process_inputs(processor, "req-0", "a prompt", SamplingParams(), ("generate",),
                                       lora_request=LoRARequest("bad", 2, str(damaged)))
+
+
+def _stand_in_processor(tiny_dir: Path) -> SimpleNamespace:
+    return SimpleNamespace(
+        lora_config=SimpleNamespace(enable_tower_connector_lora=True, max_lora_rank=8),
+        tokenizer=None,
+        model_config=SimpleNamespace(architectures=["Gemma4ForConditionalGeneration"], model=str(tiny_dir), multimodal_config=None),
+    )
+
+
+def test_async_front_end_checks_off_the_event_loop_once(tiny_dir: Path, text_adapter: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """vLLM's ``AsyncLLM.add_request`` as installed: a new adapter version is copied and checked in a
+    worker thread (the event loop ticks on meanwhile, measured), four concurrent requests for it
+    share one copy and check, each reaches the upstream add_request naming the validated snapshot,
+    and a damaged adapter is refused as a request error before upstream sees it."""
+    import asyncio
+    import inspect
+    import threading
+    import time
+
+    from vllm.exceptions import VLLMValidationError
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from gemma4_bridge.plugins.vllm import snapshot
+
+    register()
+    assert AsyncLLM.add_request is hooks._add_request  # installed on this release
+    checks, loop_threads, reached = [], set(), []
+    real_copy = snapshot._copy
+
+    def slow_copy(src: Path, dst: Path) -> None:  # the copy, deterministically slow (0.5 s)
+        checks.append(threading.current_thread().name)
+        time.sleep(0.5)
+        real_copy(src, dst)
+
+    async def upstream_add_request(self: object, request_id: str, prompt: object, params: object, **kwargs: object) -> str:
+        reached.append(kwargs["lora_request"])
+        return request_id
+
+    upstream_add_request.__signature__ = inspect.signature(hooks.upstream("frontend_add_request"))  # type: ignore[attr-defined]
+    monkeypatch.setattr(snapshot, "_copy", slow_copy)
+    monkeypatch.setitem(hooks._ORIGINALS, "frontend_add_request", upstream_add_request)
+    engine = SimpleNamespace(input_processor=_stand_in_processor(tiny_dir))
+    adapter = write_variant(text_adapter, tmp_path / "fresh")
+
+    async def main() -> tuple[list[object], list[float]]:
+        ticks: list[float] = []
+
+        async def ticker() -> None:
+            while True:
+                loop_threads.add(threading.current_thread().name)
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.01)
+
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        lora = LoRARequest("fresh", 3, str(adapter))
+        done = await asyncio.gather(*(AsyncLLM.add_request(engine, f"r{i}", "p", None, lora_request=lora) for i in range(4)))
+        tick.cancel()
+        return done, ticks
+
+    done, ticks = asyncio.run(main())
+    assert done == ["r0", "r1", "r2", "r3"]
+    assert len(checks) == 1 and checks[0] not in loop_threads, (checks, loop_threads)  # one copy, in a worker thread
+    # The loop kept running through the 0.5 s copy: its longest stall is well below it (in the loop, >= 0.5 s).
+    stall = max(b - a for a, b in zip(ticks, ticks[1:]))
+    assert ticks[-1] - ticks[0] >= 0.5 and stall < 0.25, (stall, len(ticks))
+    served = {r.lora_path for r in reached}
+    assert len(served) == 1 and snapshot.is_snapshot(next(iter(served))) and all(r.lora_name == "fresh" for r in reached)
+    # process_inputs, reached from add_request with the snapshot, passes it through (no second check).
+    assert hooks._validated_path(engine.input_processor, next(iter(served))) is None and len(checks) == 1
+    damaged = write_variant(text_adapter, tmp_path / "damaged", transform=lambda k, v: v[:0] if "layers.0." in k else v)
+    with pytest.raises(VLLMValidationError, match=r"'bad'.*zero elements.*--zero3-checkpoint"):
+        asyncio.run(AsyncLLM.add_request(engine, "r4", "p", None, lora_request=LoRARequest("bad", 4, str(damaged))))
+    assert len(reached) == 4
+
+
+def test_worker_skips_the_value_check_only_for_validated_snapshots(tiny_dir: Path, text_adapter: Path, mapper,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The worker reads a validated snapshot's values once (the front end checked them); a user's
+    directory, a staging copy or a snapshot whose directory others could write is checked again."""
+    import shutil
+
+    from gemma4_bridge.converters.plans import CanonicalPlan
+    from gemma4_bridge.plugins.vllm import snapshot
+
+    served = Path(hooks._validated_path(_stand_in_processor(tiny_dir), str(text_adapter)))
+    checked: list[str] = []
+    real = CanonicalPlan._check_finite
+    monkeypatch.setattr(CanonicalPlan, "_check_finite", lambda self, entry, t: (checked.append(entry.key), real(self, entry, t))[1])
+    n_tensors = len(load_file(text_adapter / "adapter_model.safetensors"))
+    lora = _load(served, mapper)
+    assert snapshot.is_validated_copy(served) and checked == []
+    assert torch.equal(lora.loras[K1].lora_a, load_file(text_adapter / "adapter_model.safetensors")[
+        "base_model.model.model.language_model.layers.1.self_attn.k_proj.lora_A.weight"])  # fmt: skip
+    _load(text_adapter, mapper)
+    assert len(checked) == n_tensors
+    staging = shutil.copytree(served, served.parent / ".staging-test")
+    try:
+        assert not snapshot.is_validated_copy(staging)
+        served.parent.chmod(0o755)
+        assert not snapshot.is_validated_copy(served)
+        _load(served, mapper)
+        assert len(checked) == 2 * n_tensors
+    finally:
+        served.parent.chmod(0o700)
+        shutil.rmtree(staging)

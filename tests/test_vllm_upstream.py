@@ -60,9 +60,14 @@ def test_source_contract_check_detects_changes(tmp_path: Path) -> None:
     src = tmp_path / "vllm"
     (src / "lora/ops/torch_ops").mkdir(parents=True)
     (src / "lora/lora_model.py").write_text("class LoRAModel:\n    @classmethod\n    def from_lora_tensors(cls, tensors): ...\n")
+    (src / "v1/engine").mkdir(parents=True)
+    (src / "v1/engine/async_llm.py").write_text("class AsyncLLM:\n    def add_request(self, request_id, lora_request=None): ...\n")
     problems = upstream.verify_source(src, "0.34")
     assert any("from_lora_tensors lost parameter(s)" in p and "peft_helper" in p for p in problems)
     assert any("LoRAModelManager._set_adapter_mapping is gone" in p for p in problems)
+    # The off-loop front-end hook awaits add_request: a synchronous one would break it.
+    assert "vllm.v1.engine.async_llm.AsyncLLM.add_request is no longer a coroutine function" in problems
+    assert any("generate_awaits_add_request" in p and "is False in 0.34" in p for p in problems)
 
 
 @pytest.mark.parametrize(("version", "column"), [("0.32.0", "0.32"), ("0.33.1.dev4+gabc", "0.33"), ("0.34.0", "0.34"), ("0.35.0", None), ("0.31.2", None)])
