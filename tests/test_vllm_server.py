@@ -29,15 +29,20 @@ from vllm_helpers import PROMPTS, TOL, hf_inputs, hf_model, hf_prompt_logprobs, 
 from gemma4_bridge.testing.fixtures import write_peft_adapter
 
 pytestmark = pytest.mark.vllm
+SLOW_COPY_S = 4.0  # how much longer the server's snapshot copy of a slow-* adapter takes (tests/slow_copy)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: Path, text_adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     snapshots, lora_dir = tmp_path_factory.mktemp("snapshots"), tmp_path_factory.mktemp("lora_dir")
+    slow_log = tmp_path_factory.mktemp("slow") / "copies.log"
     args = ["--lora-modules", f"text={text_adapter}", "--limit-mm-per-prompt", '{"image": 1, "audio": 1}']
-    env = {"GEMMA4_BRIDGE_SNAPSHOT_DIR": str(snapshots), "GEMMA4_BRIDGE_LORA_DIR": str(lora_dir)}
+    # tests/slow_copy: the snapshot copy of adapters named slow-* takes SLOW_COPY_S longer (a large adapter).
+    pythonpath = os.pathsep.join(p for p in (str(Path(__file__).parent / "slow_copy"), os.environ.get("PYTHONPATH")) if p)
+    env = {"GEMMA4_BRIDGE_SNAPSHOT_DIR": str(snapshots), "GEMMA4_BRIDGE_LORA_DIR": str(lora_dir), "PYTHONPATH": pythonpath,
+           "GEMMA4_BRIDGE_TEST_SLOW_COPY_S": str(SLOW_COPY_S), "GEMMA4_BRIDGE_TEST_SLOW_LOG": str(slow_log)}  # fmt: skip
     with api_server(tiny_dir, args, tmp_path_factory.mktemp("server") / "server.log", env) as info:
-        yield {**info, "snapshots": snapshots, "lora_dir": lora_dir}
+        yield {**info, "snapshots": snapshots, "lora_dir": lora_dir, "slow_log": slow_log}
 
 
 def _complete(url: str, model: str, token_ids: list[int]) -> requests.Response:
@@ -167,9 +172,72 @@ def test_adapter_swapped_while_queued_serves_what_was_validated(
     assert _complete(url, "text", ids).status_code == 200
 
 
+def _answered_while(url: str, pending: list[Any]) -> float:
+    """Seconds /v1/models takes while ``pending`` requests (a new slow-* adapter) are still in the front end."""
+    time.sleep(1.0)  # the copy of the slow-* adapter is under way
+    assert not any(p.done() for p in pending), "the adapter request finished first: the probe would prove nothing"
+    t0 = time.monotonic()
+    r = requests.get(f"{url}/v1/models", timeout=60)
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    return took
+
+
+def _slow_copies(server: dict[str, Any], name: str) -> int:
+    log = server["slow_log"]
+    return sum(line.split()[0] == name for line in log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_new_adapter_is_copied_and_checked_off_the_event_loop(server: dict[str, Any], tiny_dir: Path, text_adapter: Path,
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """Issue 13.4: while the front end copies and checks a new adapter version (made SLOW_COPY_S
+    longer, as for a large adapter), the server answers other requests at once: before, the copy and
+    check ran in the event loop and every request waited for them. Covered: two concurrent first
+    requests by name (resolver; they share one copy), a new file version of a known adapter
+    (AsyncLLM.add_request), and a NaN adapter loaded at runtime (400 with the bridge's message, the
+    server keeps serving)."""
+    url, folder = server["url"], server["lora_dir"]
+    ids, ref, _ = hf_prompt_logprobs(hf_model(tiny_dir, text_adapter), hf_inputs(tiny_dir, "text"))
+    fresh = write_variant(text_adapter, folder / "slow-fresh")
+    waits = {}
+    with ThreadPoolExecutor(2) as pool:
+        t0 = time.monotonic()
+        first = [pool.submit(_complete, url, "slow-fresh", ids) for _ in range(2)]
+        waits["models_during_first_use"] = _answered_while(url, first)
+        for f in first:
+            lp, _ = _served_logprobs(f.result(), ids)
+            assert float((lp - ref).abs().max()) < TOL
+        waits["first_use"] = time.monotonic() - t0
+    assert _slow_copies(server, "slow-fresh") == 1, "concurrent first requests must share one copy and check"
+    _swap_weights(fresh, write_variant(text_adapter, tmp_path / "quarter", transform=lambda k, v: v * 0.25))
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        update = pool.submit(_complete, url, "slow-fresh", ids)
+        waits["models_during_new_version"] = _answered_while(url, [update])
+        assert update.result().status_code == 200, update.result().text
+        waits["new_version"] = time.monotonic() - t0
+    assert _slow_copies(server, "slow-fresh") == 2
+    nan = _nan_copy(text_adapter, tmp_path / "slow-nan")
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        bad = pool.submit(_load, url, "slow-nan", nan)
+        waits["models_during_bad_load"] = _answered_while(url, [bad])
+        r = bad.result()
+        waits["bad_load"] = time.monotonic() - t0
+    assert r.status_code == 400 and "slow-nan" in r.text and "NaN" in r.text and "Fix:" in r.text, r.text
+    print(f"\noff-loop figures (s; slow-* copy +{SLOW_COPY_S} s): {({k: round(v, 3) for k, v in waits.items()})}")
+    # In the event loop, /v1/models would have waited for the rest of the copy (>= SLOW_COPY_S - 1 s).
+    assert all(waits[k] < 1.0 for k in waits if k.startswith("models_")), waits
+    assert all(waits[k] >= SLOW_COPY_S for k in ("first_use", "new_version", "bad_load")), waits
+    assert requests.get(f"{url}/health", timeout=5).status_code == 200
+    assert _complete(url, "text", ids).status_code == 200
+
+
 def test_adapter_problem_in_worker_fails_that_request_only(server: dict[str, Any], tiny_dir: Path, text_adapter: Path, tmp_path: Path) -> None:
-    """Issue 14.1: a problem only the worker can meet (its validated snapshot tampered with after an
-    eviction) fails the request naming that adapter; the engine and other requests carry on."""
+    """Issue 14.1: a problem only the worker can meet (its validated snapshot truncated after an
+    eviction: the worker re-plans a snapshot's structure; its values, checked by the front end in a
+    directory only this user can write, it does not read twice) fails the request naming that
+    adapter; the engine and other requests carry on."""
     url = server["url"]
     c = write_variant(text_adapter, tmp_path / "c", transform=lambda k, v: v * 0.5)
     assert _load(url, "tamper_c", c).status_code == 200
@@ -179,8 +247,8 @@ def test_adapter_problem_in_worker_fails_that_request_only(server: dict[str, Any
     copies = [d for d in server["snapshots"].glob("gemma4-bridge-adapters-*/*") if d.is_dir() and not d.name.startswith(".")]
     mine = [d for d in copies if (d / "adapter_model.safetensors").read_bytes() == (c / "adapter_model.safetensors").read_bytes()]
     assert len(mine) == 1, copies
-    nan = _nan_copy(c, tmp_path / "c_nan")
-    (mine[0] / "adapter_model.safetensors").write_bytes((nan / "adapter_model.safetensors").read_bytes())
+    weights = mine[0] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     r = _complete(url, "tamper_c", ids)
     assert r.status_code != 200 or r.json()["choices"][0]["finish_reason"] == "error", r.text
     assert requests.get(f"{url}/health", timeout=5).status_code == 200
