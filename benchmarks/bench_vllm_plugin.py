@@ -149,12 +149,24 @@ def _worker_loaders(layout_dir: Path, max_rank: int) -> tuple[Any, Any, Any]:
 
         return call
 
-    def front_end(path: Path) -> tuple[Path, float]:
-        """(validated snapshot, longest event-loop gap in s) of a new adapter version, as the API
-        server's front end makes it (hooks._validated_path_off_loop: copy + check off the loop)."""
-        import asyncio
+    from gemma4_bridge.plugins.vllm import hooks, snapshot
 
-        from gemma4_bridge.plugins.vllm import hooks, snapshot
+    checked = hooks._validated_path
+    thread_cpu = [0.0]
+
+    def timed_check(*args: Any) -> Any:  # the copy + check's own CPU (its thread's; the ticker excluded)
+        c0 = time.thread_time()
+        try:
+            return checked(*args)
+        finally:
+            thread_cpu[0] = time.thread_time() - c0
+
+    hooks._validated_path = timed_check
+
+    def front_end(path: Path) -> tuple[Path, float, float]:
+        """(validated snapshot, longest event-loop gap in s, CPU s of the copy + check) of a new adapter
+        version, as the API server's front end makes it (hooks._validated_path_off_loop: off the loop)."""
+        import asyncio
 
         snapshot._VERDICTS.clear()  # a fresh file version each round, as after an update
 
@@ -177,7 +189,7 @@ def _worker_loaders(layout_dir: Path, max_rank: int) -> tuple[Any, Any, Any]:
             return served, gaps[0]
 
         served, stall = asyncio.run(run())
-        return Path(served), stall
+        return Path(served), stall, thread_cpu[0]
 
     return load(tagged), load(rename), front_end
 
@@ -207,11 +219,11 @@ def _load_latency(layout_dir: Path, raw: Path, canonical: Path, rounds: int, max
     ``canonical`` before or after that pair (order alternating); each load with the copy into the
     LoRA layers that follows it."""
     plugin_load, intree_load, front_end = _worker_loaders(layout_dir, max_rank)
-    warm, _ = front_end(raw)
+    warm, _, _ = front_end(raw)
     stacked = _StackedBuffer(intree_load(canonical), plugin_load(warm))
     shutil.rmtree(warm)
     times: dict[str, list[float]] = {f"{k}_{clock}": [] for k in ("front_end", "plugin", "intree") for clock in ("wall", "cpu")}
-    times["front_end_stall"] = []
+    times["front_end_stall"], times["front_end_thread_cpu"] = [], []
 
     def timed(name: str, fn: Any) -> Any:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -222,8 +234,9 @@ def _load_latency(layout_dir: Path, raw: Path, canonical: Path, rounds: int, max
 
     for i in range(rounds):
         def plugin_path() -> None:
-            served, stall = timed("front_end", lambda: front_end(raw))
+            served, stall, cpu = timed("front_end", lambda: front_end(raw))
             times["front_end_stall"].append(stall)
+            times["front_end_thread_cpu"].append(cpu)
             timed("plugin", lambda: stacked.activate(plugin_load(served)))
             shutil.rmtree(served)
 
@@ -303,9 +316,10 @@ def _report(res: dict[str, Any]) -> bool:
         print(f"{size} adapter: in-tree load + copy into the LoRA layers {fmt(intree, 1e3, ' ms')} wall, {fmt(r['intree_cpu'], 1e3, ' ms')} CPU")
         print(f"  event-loop stall while the front end copies + checks a new version: {fmt(r['front_end_stall'], 1e3, ' ms')} = "
               f"{fmt([a / b for a, b in zip(r['front_end_stall'], intree)], unit='x')} the in-tree load (goal <= 1x); "
-              f"the front end itself (off the loop): {fmt(r['front_end_wall'], 1e3, ' ms')} wall, {fmt(r['front_end_cpu'], 1e3, ' ms')} CPU")  # fmt: skip
+              f"the front end itself (off the loop): {fmt(r['front_end_wall'], 1e3, ' ms')} wall, "
+              f"{fmt(r['front_end_thread_cpu'], 1e3, ' ms')} CPU = {fmt([a / b for a, b in zip(r['front_end_thread_cpu'], r['intree_cpu'])], unit='x')} in-tree's")  # fmt: skip
         first = [(f + a) / b for f, a, b in zip(r["front_end_wall"], r["plugin_wall"], intree)]
-        first_cpu = [(f + a) / b for f, a, b in zip(r["front_end_cpu"], r["plugin_cpu"], r["intree_cpu"])]
+        first_cpu = [(f + a) / b for f, a, b in zip(r["front_end_thread_cpu"], r["plugin_cpu"], r["intree_cpu"])]
         print(f"  first request (front end + worker load of the snapshot) vs in-tree: wall {fmt(first, unit='x')}, "
               f"CPU {fmt(first_cpu, unit='x')} (goal <= 1.2x)")  # fmt: skip
         for clock in ("wall", "cpu"):
