@@ -9,6 +9,8 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   :class:`~.model.BridgeWeightsMapper` vLLM passes in) the adapter is canonicalised in memory,
   refused or fixed (:mod:`.adapter`), checked against the LoRA layers vLLM actually built, and
   handed to vLLM's own ``LoRAModel.from_lora_tensors``. Other models take the original path.
+  A validated snapshot (:func:`.snapshot.is_validated_copy`) is planned but its values are not
+  read a second time: the front end checked them and the copy cannot have changed since.
 * ``vllm.lora.ops.torch_ops.lora_ops.bgmv_{shrink,expand,expand_slice}`` (CPU LoRA kernels, also
   reached through the ``sgmv_*`` prefill variants and ``punica_cpu``): they index the stacked LoRA
   weights with the per-token adapter slot, and a token without an adapter has slot -1, which
@@ -49,7 +51,7 @@ check, so an upstream change fails a test instead of silently bypassing the plug
   (vLLM would answer a bare "could not be loaded" after a worker traceback); off the event loop.
 * ``EngineCore.add_request`` (engine core): a Gemma 4 request whose adapter is not in the worker's
   cache (first use, or evicted) loads it on arrival, outside any model step; if the worker refuses
-  it (say its snapshot was tampered with), that request alone finishes with an error (inside a
+  it (say its snapshot was truncated since), that request alone finishes with an error (inside a
   step, the same exception kills the engine).
 """
 
