@@ -94,8 +94,9 @@ def _convert(
     scratch = _scratch(max((s.nbytes for s in specs), default=0))
 
     def produce(spec: TensorSpec) -> Any:
-        # A renamed tensor's bytes go straight from the mapped source to the output; anything
-        # else (recovered, cast) through one reused buffer: no page faults on a fresh allocation
+        # A renamed tensor's bytes go straight from the mapped source to the output, a recovered
+        # one's from the rank files (both copied in the kernel); anything else (cast, stacked)
+        # through one reused buffer: no page faults on a fresh allocation
         # per tensor; written before reuse.
         entry = entries[spec.name]
         raw = p.raw_bytes(entry)
@@ -103,7 +104,10 @@ def _convert(
 
     try:
         with atomic_output_dir(out_path, force=force) as tmp, progress_bar(len(specs), "convert") as bar:
-            write_streaming(tmp / SAFETENSORS_NAME, specs, produce, metadata, lambda _: bar.update(1), data_start=p.copy_data_start())
+            with p.copying_recovered():  # raises here, before the commit, if a recovered value is NaN/Inf
+                write_streaming(
+                    tmp / SAFETENSORS_NAME, specs, produce, metadata, lambda _: bar.update(1), data_start=p.copy_data_start()
+                )
             (tmp / CONFIG_NAME).write_text(json.dumps(p.config, indent=2, sort_keys=True) + "\n")
     finally:
         p.close()

@@ -18,7 +18,7 @@ import queue
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -81,6 +81,18 @@ class FileRange:
 COPY_ALIGN = 64 << 10
 
 
+@dataclass(frozen=True)
+class FileRanges:
+    """A tensor's bytes as several :class:`FileRange` in order, e.g. a ZeRO-3 parameter's chunk
+    on each rank: copied inside the kernel one after the other, handed to the writer as one item."""
+
+    ranges: tuple[FileRange, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranges)
+
+
 def write_streaming(
     path: Path,
     specs: Sequence[TensorSpec],
@@ -94,8 +106,8 @@ def write_streaming(
 
     The produced tensor must match the spec's shape and dtype (checked), so the header written
     first stays true. ``produce`` may instead return the tensor's raw little-endian bytes (a
-    buffer of exactly ``spec.nbytes``) or a :class:`FileRange` of them, which are written as they
-    are on a writer thread: no tensor is built.
+    buffer of exactly ``spec.nbytes``) or a :class:`FileRange` / :class:`FileRanges` of them, which
+    are written as they are on a writer thread: no tensor is built.
 
     ``data_start``: the file offset, modulo :data:`COPY_ALIGN`, where the tensor data should
     start; when the tensors are file ranges, pass the one that puts them at their source offsets
@@ -119,7 +131,7 @@ def write_streaming(
         try:
             for spec in specs:
                 tensor = produce(spec)
-                if isinstance(tensor, (memoryview, FileRange)):
+                if isinstance(tensor, (memoryview, FileRange, FileRanges)):
                     if tensor.nbytes != spec.nbytes:
                         raise ValueError(f"{spec.name}: produced {tensor.nbytes} bytes, header promised {spec.nbytes}")
                     writer.put(tensor)
@@ -160,7 +172,7 @@ class _BackgroundWriter:
         self.f = f
         self.error: BaseException | None = None
         self.run: FileRange | None = None  # adjacent ranges not yet queued
-        self.queue: queue.Queue[memoryview | FileRange | None] = queue.Queue(maxsize=8)
+        self.queue: queue.Queue[memoryview | FileRange | FileRanges | None] = queue.Queue(maxsize=8)
         self.thread = threading.Thread(target=self._run, name="write_streaming", daemon=True)
         self.thread.start()
 
@@ -171,13 +183,18 @@ class _BackgroundWriter:
                 if item is None:
                     return
                 if self.error is None:  # after an error, keep consuming so put() never blocks
-                    copy_range(self.f, item) if isinstance(item, FileRange) else _write_all(self.f, item)
+                    if isinstance(item, FileRanges):
+                        copy_ranges(self.f, item)
+                    elif isinstance(item, FileRange):
+                        copy_range(self.f, item)
+                    else:
+                        _write_all(self.f, item)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 self.error = exc
             finally:
                 self.queue.task_done()
 
-    def put(self, data: memoryview | FileRange) -> None:
+    def put(self, data: memoryview | FileRange | FileRanges) -> None:
         if self.error is not None:
             raise self.error
         run = self.run
@@ -244,6 +261,40 @@ def copy_range(f: Any, r: FileRange) -> None:
             raise ValueError(f"source file ends before byte {offset + left} (truncated while converting?)")
         _write_all(f, chunk)
         offset, left = offset + len(chunk), left - len(chunk)
+
+
+def copy_ranges(f: Any, rs: FileRanges) -> None:
+    """Append each range of ``rs`` to ``f`` inside the kernel (:func:`copy_range`), in order."""
+    for r in rs.ranges:
+        copy_range(f, r)
+
+
+@contextlib.contextmanager
+def map_range(fd: int, offset: int, nbytes: int) -> Iterator[Any]:
+    """``nbytes`` at ``offset`` of ``fd`` as a read-only uint8 tensor of a shared, populated map,
+    unmapped on exit (its pages leave the resident set): for reading values in place, no copy.
+
+    The file must hold the range (checked: touching a mapped page past its end kills the process
+    with SIGBUS; a ValueError instead). Views of the tensor must not outlive the block."""
+    import torch
+
+    size = os.fstat(fd).st_size
+    if offset + nbytes > size:
+        raise ValueError(f"data ends at byte {offset + nbytes} but the file has {size} bytes (truncated?)")
+    if nbytes == 0:
+        yield torch.empty(0, dtype=torch.uint8)
+        return
+    lo = offset - offset % mmap.ALLOCATIONGRANULARITY
+    m = mmap.mmap(fd, offset + nbytes - lo, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=lo)
+    try:
+        with warnings.catch_warnings():  # read-only on purpose: the values are only read
+            warnings.simplefilter("ignore", UserWarning)
+            yield torch.frombuffer(m, dtype=torch.uint8)[offset - lo :]
+    finally:
+        try:
+            m.close()
+        except BufferError:  # a view still held elsewhere: unmapped when the last one goes
+            pass
 
 
 def _copy_file_range(src: int, out: int, offset: int, count: int) -> int:

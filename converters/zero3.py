@@ -6,18 +6,24 @@ laid out in the order of ``param_shapes`` in its fp32 master copy (``fp32_flat_g
 concatenation of its N chunks, trimmed to ``numel`` and reshaped. The files are pickles: they are
 read with ``torch.load(weights_only=True)`` and an allow-list of inert stand-ins for the few
 DeepSpeed classes they name, onto the meta device: no tensor data is read, each flat group's
-storage only reports its byte offset in the (uncompressed) zip file. Recovering one tensor then
-reads exactly its N chunks with ``pread``, straight into the output buffer: no Adam moment, no
-page of the file is mapped, and memory stays at one tensor.
+storage only reports its byte offset in the (uncompressed) zip file. A parameter's values are
+then N byte ranges of the rank files: :meth:`Zero3Checkpoint.file_ranges` hands them to the writer
+to copy inside the kernel (``copy_file_range``, as ``cp`` does; no byte passes through this
+process) while :meth:`Zero3Checkpoint.nonfinite` checks them on read-only maps, one window at a
+time; :meth:`Zero3Checkpoint.recover` reads one tensor with ``pread`` (for a cast, merge, export).
+No Adam moment is read, and memory stays at one tensor or one window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import sys
 import zipfile
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -25,6 +31,8 @@ from typing import Any
 
 from gemma4_bridge.adapter_io import safe_torch_load
 from gemma4_bridge.errors import BridgeError
+
+from .safetensors_stream import DTYPES, FileRange, FileRanges, map_range
 
 # DeepSpeed ZeRO-3's on-disk format: what this reader expects and what the synthetic writer
 # (gemma4_bridge.testing.zero3_job.write_synthetic_zero3_checkpoint) writes.
@@ -167,12 +175,16 @@ class Zero3Checkpoint:
                     fix="recovery needs a complete ZeRO-3 checkpoint: all ranks' *_optim_states.pt from one step",
                 )
             _require_plain_storage(path)
+            size = path.stat().st_size
             groups = []
             for g in osd[FLAT_GROUPS]:
                 base = getattr(g.untyped_storage(), "_checkpoint_offset", None)
                 if base is None or not g.is_contiguous():
                     raise BridgeError(f"{path}: an fp32 flat group is not a plain stored tensor.", fix="pass a DeepSpeed ZeRO-3 checkpoint")
-                groups.append(FlatGroup(int(base) + g.storage_offset() * g.element_size(), g.numel()))
+                group = FlatGroup(int(base) + g.storage_offset() * g.element_size(), g.numel())
+                if group.offset + group.numel * g.element_size() > size:
+                    raise BridgeError(f"{path}: file ends inside an fp32 flat group (truncated?).", fix="copy the checkpoint again")
+                groups.append(group)
                 dtypes.add(str(g.dtype).removeprefix("torch."))
             partitions.append((path, groups))
             del state, osd
@@ -214,22 +226,119 @@ class Zero3Checkpoint:
         return out[:numel].view(shape)
 
     def _read(self, rank: int, start: int, length: int, dest: memoryview) -> None:
-        """Elements [start, start+length) of a rank's groups read as one vector (a param may straddle two)."""
-        path, groups = self.partitions[rank]
-        fd = self._fds.get(rank)
-        if fd is None:
-            fd = self._fds[rank] = os.open(path, os.O_RDONLY)
-        size = len(dest) // length if length else 0
+        """Elements [start, start+length) of a rank's groups read as one vector into ``dest``."""
         pos = 0
-        for g in groups:
+        for offset, nbytes in self._spans(rank, start, length):
+            part = dest[pos : pos + nbytes]
+            if os.preadv(self._fd(rank), [part], offset) != nbytes:
+                raise BridgeError(f"{self.partitions[rank][0]}: file ends inside an fp32 flat group (truncated?).", fix="copy the checkpoint again")
+            pos += nbytes
+
+    def _spans(self, rank: int, start: int, length: int) -> list[tuple[int, int]]:
+        """(file offset, bytes) of elements [start, start+length) of a rank's groups read as one
+        vector: one span, two where the range straddles groups."""
+        size = DTYPES[self.dtype][1]
+        spans, pos = [], 0
+        for g in self.partitions[rank][1]:
             lo, hi = max(start, pos), min(start + length, pos + g.numel)
             if lo < hi:
-                part = dest[(lo - start) * size : (hi - start) * size]
-                if os.preadv(fd, [part], g.offset + (lo - pos) * size) != len(part):
-                    raise BridgeError(f"{path}: file ends inside an fp32 flat group (truncated?).", fix="copy the checkpoint again")
+                spans.append((g.offset + (lo - pos) * size, (hi - lo) * size))
             pos += g.numel
             if pos >= start + length:
                 break
+        return spans
+
+    def _chunks(self, name: str) -> list[tuple[int, int, int]]:
+        """(rank, file offset, bytes) of parameter ``name``'s values in rank order: ``ceil(numel / N)``
+        elements per rank, the padding after the last element (and ranks holding only padding) left out."""
+        numel = math.prod(self.param_shapes[name])
+        chunk = math.ceil(numel / self.world_size)
+        out = []
+        for rank in range(self.world_size):
+            n = min(chunk, numel - rank * chunk)
+            if n <= 0:
+                break
+            out += [(rank, offset, nbytes) for offset, nbytes in self._spans(rank, self.offsets[name], n)]
+        return out
+
+    def _fd(self, rank: int) -> int:
+        fd = self._fds.get(rank)
+        if fd is None:
+            fd = self._fds[rank] = os.open(self.partitions[rank][0], os.O_RDONLY)
+        return fd
+
+    def file_ranges(self, name: str) -> FileRanges:
+        """Parameter ``name``'s values (the checkpoint's dtype) as ranges of the rank files, for
+        :func:`~.safetensors_stream.write_streaming` to copy inside the kernel; the files stay open
+        until :meth:`close`. Not checked: see :meth:`nonfinite`."""
+        return FileRanges(tuple(FileRange(self._fd(rank), offset, nbytes) for rank, offset, nbytes in self._chunks(name)))
+
+    WINDOW = 32 << 20  # bytes mapped at a time by :meth:`nonfinite`
+
+    def nonfinite(self, names: Sequence[str], stop: threading.Event | None = None) -> tuple[str, int] | None:
+        """The first of parameters ``names`` holding NaN/Inf and how many; None when all are finite
+        (or ``stop`` was set: the caller gave up). Thread-safe once every rank file is open.
+
+        Reads the values in place, on read-only maps of the rank files one window at a time (the
+        resident set grows by a window, not by the 0.7 GB read): the byte spans holding ``names``
+        are summed window by window (a sum is finite iff every value is; NaN/Inf propagate). Only a
+        non-finite sum (or an overflowing sum of huge finite values) costs the exact check per
+        parameter, which also leaves out what is not in ``names`` (padding, other parameters).
+        """
+        import torch
+
+        dtype = getattr(torch, self.dtype)
+        merged: dict[int, list[list[int]]] = {}  # rank -> [offset, end] of adjacent chunks
+        for name in names:
+            for rank, offset, nbytes in self._chunks(name):
+                spans = merged.setdefault(rank, [])
+                if spans and spans[-1][1] == offset:
+                    spans[-1][1] += nbytes
+                else:
+                    spans.append([offset, offset + nbytes])
+        finite = True
+        for rank, spans in merged.items():
+            for offset, end in spans:
+                for lo in range(offset, end, self.WINDOW):
+                    if stop is not None and stop.is_set():
+                        return None
+                    with self._mapped(rank, lo, min(end, lo + self.WINDOW) - lo) as raw:
+                        finite = math.isfinite(raw.view(dtype).sum().item())
+                        del raw
+                    if not finite:
+                        break
+                if not finite:
+                    break
+            if not finite:
+                break
+        if finite:
+            return None
+        for name in names:
+            bad = 0
+            for rank, offset, nbytes in self._chunks(name):
+                with self._mapped(rank, offset, nbytes) as raw:
+                    bad += int((~torch.isfinite(raw.view(dtype))).sum())
+                    del raw
+            if bad:
+                return name, bad
+        return None
+
+    @contextlib.contextmanager
+    def _mapped(self, rank: int, offset: int, nbytes: int) -> Iterator[Any]:
+        """Bytes [offset, offset+nbytes) of a rank file as a read-only mapped uint8 tensor."""
+        path = self.partitions[rank][0]
+        if offset % DTYPES[self.dtype][1]:
+            raise BridgeError(f"{path}: an fp32 flat group is not aligned for its dtype.", fix="re-save the checkpoint with torch.save")
+        mapping = map_range(self._fd(rank), offset, nbytes)
+        try:
+            raw = mapping.__enter__()
+        except (OSError, ValueError) as exc:
+            raise BridgeError(f"{path}: cannot read an fp32 flat group ({exc}).", fix="copy the checkpoint again") from exc
+        try:
+            yield raw
+        finally:
+            del raw
+            mapping.__exit__(None, None, None)
 
     def close(self) -> None:
         """Close the rank files (reopened on the next :meth:`recover`)."""

@@ -41,13 +41,16 @@ def test_real_run_saved_a_damaged_adapter(zero3_run) -> None:
         assert any(0 in f.get_slice(k).get_shape() for k in f.keys())  # noqa: SIM118
 
 
-def test_convert_recovers_exact_values(capsys, zero3_run, tiny_dir, tmp_path) -> None:
+def test_convert_recovers_exact_values(capsys, monkeypatch, zero3_run, tiny_dir, tmp_path) -> None:
     """Checkpoint found next to the adapter (HF Trainer layout); recovered == gathered truth, bitwise."""
     before = dir_digest(zero3_run.damaged_adapter)
+    copied = []  # the fp32 adapter's recovered tensors are copied from the rank files in the kernel
+    file_ranges = Zero3Checkpoint.file_ranges
+    monkeypatch.setattr(Zero3Checkpoint, "file_ranges", lambda self, name: copied.append(name) or file_ranges(self, name))
     rc, out, err = _cli(capsys, "convert", str(zero3_run.damaged_adapter), "-o", str(tmp_path / "fixed"), "--base", str(tiny_dir))
     assert rc == 0, err
     damaged = json.loads((zero3_run.out_dir / "job.json").read_text())["damaged_tensors"]
-    assert f"recovered from ZeRO-3 {len(damaged)}" in out
+    assert f"recovered from ZeRO-3 {len(damaged)}" in out and len(copied) == len(damaged)
     got = load_file(tmp_path / "fixed" / "adapter_model.safetensors")
     truth = load_file(zero3_run.reference_adapter / "adapter_model.safetensors")
     assert got.keys() == truth.keys()
@@ -158,29 +161,71 @@ def test_missing_rank_file(capsys, zero3_run, tiny_dir, tmp_path) -> None:
     assert rc == 2 and "partition_count=2" in err and "1 rank file" in err
 
 
-@pytest.mark.parametrize(("world_size", "num_groups"), [(1, 1), (3, 2), (4, 3)])
-def test_any_number_of_ranks_and_bf16_cast(capsys, all_linear_adapter, tiny_dir, tmp_path, world_size, num_groups) -> None:
-    """Synthetic checkpoints (DeepSpeed's format, checked against zero_to_fp32), fp32 masters cast to a bf16 adapter."""
+def _synthetic_run(all_linear_adapter: Path, tmp_path: Path, world_size: int, num_groups: int, dtype: torch.dtype) -> tuple[Path, dict]:
+    """A synthetic checkpoint (DeepSpeed's format, checked against zero_to_fp32) of fp32 masters that are
+    not bf16-exact, beside an adapter of ``dtype`` with every third tensor intact, the others zero-element."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     truth = load_file(all_linear_adapter / "adapter_model.safetensors")
     gen = torch.Generator().manual_seed(world_size)
-    masters = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in truth.items()}  # fp32, not bf16-exact
+    masters = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in truth.items()}
     names = {k: k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.") for k in truth}
     run = tmp_path / "checkpoint-1"
     run.mkdir()
     write_synthetic_zero3_checkpoint({names[k]: v for k, v in masters.items()}, run, world_size=world_size, num_groups=num_groups)
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(run))
     assert all(torch.equal(theirs[names[k]], v) for k, v in masters.items())
-    damaged = {k: (v.new_zeros(0) if i % 3 else v).to(torch.bfloat16) for i, (k, v) in enumerate(masters.items())}
+    damaged = {k: (v.new_zeros(0) if i % 3 else v).to(dtype) for i, (k, v) in enumerate(masters.items())}
     save_file(damaged, run / "adapter_model.safetensors")
     shutil.copy2(all_linear_adapter / "adapter_config.json", run / "adapter_config.json")
+    return run, masters
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("world_size", "num_groups"), [(1, 1), (3, 2), (4, 3)])
+def test_any_number_of_ranks_and_dtype(capsys, monkeypatch, all_linear_adapter, tiny_dir, tmp_path, world_size, num_groups, dtype) -> None:
+    """fp32 masters cast to a bf16 adapter (read and cast), or copied as they are into an fp32 one (each
+    rank's chunk copied from the rank file in the kernel, padding at partition ends left out)."""
+    run, masters = _synthetic_run(all_linear_adapter, tmp_path, world_size, num_groups, dtype)
+    copied = []
+    file_ranges = Zero3Checkpoint.file_ranges
+    monkeypatch.setattr(Zero3Checkpoint, "file_ranges", lambda self, name: copied.append(name) or file_ranges(self, name))
+    rc, _, err = _cli(capsys, "convert", str(run), "-o", str(tmp_path / "out"), "--base", str(tiny_dir))
+    assert rc == 0, err
+    assert len(copied) == (sum(1 for i in range(len(masters)) if i % 3) if dtype == torch.float32 else 0)
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    for k, v in masters.items():
+        assert got[k].dtype == dtype
+        assert torch.equal(got[k], v.to(dtype)), k
+
+
+def test_nan_in_recovered_value_refused_not_in_padding(capsys, all_linear_adapter, tiny_dir, tmp_path) -> None:
+    """Values copied in the kernel are checked on maps of the rank files: a NaN in a recovered tensor
+    is refused by name and nothing is written; a NaN in the padding after a parameter's last element
+    (not a value) passes, with the values exact."""
+    run, masters = _synthetic_run(all_linear_adapter, tmp_path, 3, 1, torch.float32)
+    ckpt = Zero3Checkpoint.open(locate_checkpoint(run, None))
+    damaged = [k for i, k in enumerate(masters) if i % 3]
+    key = next(k for k in damaged if masters[k].numel() % 3)
+    name = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+    chunk = -(-masters[key].numel() // 3)
+    (path, (group,)), real = ckpt.partitions[2], masters[key].numel() - 2 * chunk
+    ckpt.close()
+
+    def poke(element: int) -> None:
+        with open(path, "r+b") as f:
+            f.seek(group.offset + (ckpt.offsets[name] + element) * 4)
+            f.write(torch.tensor([float("nan")]).numpy().tobytes())
+
+    poke(real)  # the first padding element of the last rank's chunk
     rc, _, err = _cli(capsys, "convert", str(run), "-o", str(tmp_path / "out"), "--base", str(tiny_dir))
     assert rc == 0, err
     got = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    for k, v in masters.items():
-        assert got[k].dtype == torch.bfloat16
-        assert torch.equal(got[k], v.to(torch.bfloat16)), k
+    assert all(torch.equal(got[k], v) for k, v in masters.items())
+    poke(real - 1)  # the parameter's last value
+    rc, _, err = _cli(capsys, "convert", str(run), "-o", str(tmp_path / "out2"), "--base", str(tiny_dir))
+    assert rc == 2 and key in err and "1 NaN/Inf" in err and "(recovered)" in err and "Fix:" in err, err
+    assert not (tmp_path / "out2").exists()
 
 
 def test_inspect_reports_recoverable(capsys, zero3_run, tiny_dir) -> None:
