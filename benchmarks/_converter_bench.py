@@ -86,13 +86,14 @@ def e4b_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_sparse_base(out: Path) -> Path:
-    """config.json + one bf16 model.safetensors whose data is a hole: real headers, ~no disk."""
+def write_sparse_base(out: Path, config: dict[str, Any] | None = None, shapes: dict[str, tuple[int, ...]] | None = None) -> Path:
+    """config.json + one bf16 model.safetensors whose data is a hole: real headers, ~no disk.
+    E4B-shaped unless ``config`` and ``shapes`` say otherwise."""
     from gemma4_bridge.converters.safetensors_stream import TensorSpec
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(e4b_config()))
-    specs = [TensorSpec(k, v, "bfloat16") for k, v in sorted(e4b_shapes().items())]
+    (out / "config.json").write_text(json.dumps(config or e4b_config()))
+    specs = [TensorSpec(k, v, "bfloat16") for k, v in sorted((shapes or e4b_shapes()).items())]
     header, offset = {}, 0
     for s in specs:
         header[s.name] = {"dtype": "BF16", "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
