@@ -143,6 +143,8 @@ class Zero3Checkpoint:
     ds_version: str | None = None
     dtype: str = "float32"  # of the flat groups (DeepSpeed's master weights)
     _fds: dict[int, int] = field(default_factory=dict, repr=False)  # rank -> open file descriptor
+    # rank -> (st_dev, st_ino, st_size, st_mtime_ns) of its optim file when its offsets were read
+    _identities: dict[int, tuple[int, int, int, int]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, tag_dir: Path) -> Zero3Checkpoint:
@@ -161,7 +163,10 @@ class Zero3Checkpoint:
         partitions: list[tuple[Path, list[FlatGroup]]] = []
         world_size = len(optim_files)
         dtypes = set()
-        for path in optim_files:
+        identities = {}
+        for rank, path in enumerate(optim_files):
+            st = path.stat()
+            identities[rank] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             state = _load(path, map_location="meta")  # structure and storage offsets only
             osd = state.get(OPTIMIZER_STATE) if isinstance(state, dict) else None
             if not isinstance(osd, dict) or FLAT_GROUPS not in osd:
@@ -175,7 +180,7 @@ class Zero3Checkpoint:
                     fix="recovery needs a complete ZeRO-3 checkpoint: all ranks' *_optim_states.pt from one step",
                 )
             _require_plain_storage(path)
-            size = path.stat().st_size
+            size = st.st_size
             groups = []
             for g in osd[FLAT_GROUPS]:
                 base = getattr(g.untyped_storage(), "_checkpoint_offset", None)
@@ -201,7 +206,9 @@ class Zero3Checkpoint:
                     f"{path}: holds {have} fp32 elements but param_shapes needs {offset}.",
                     fix="the checkpoint's rank files come from different runs; copy the whole global_stepN directory again",
                 )
-        return cls(tag_dir, world_size, param_shapes, offsets, partitions, model_states.get("ds_version"), dtypes.pop() if dtypes else "float32")
+        ckpt = cls(tag_dir, world_size, param_shapes, offsets, partitions, model_states.get("ds_version"), dtypes.pop() if dtypes else "float32")
+        ckpt._identities = identities
+        return ckpt
 
     def recover(self, name: str, scratch: Any = None) -> Any:
         """One parameter's fp32 values, gathered from every rank's partition.
@@ -262,9 +269,20 @@ class Zero3Checkpoint:
         return out
 
     def _fd(self, rank: int) -> int:
+        """The rank's optim file, opened once; it must still be the file whose offsets were read
+        (a file replaced since would be copied from offsets that describe another file)."""
         fd = self._fds.get(rank)
         if fd is None:
-            fd = self._fds[rank] = os.open(self.partitions[rank][0], os.O_RDONLY)
+            path = self.partitions[rank][0]
+            fd = os.open(path, os.O_RDONLY)
+            st = os.fstat(fd)
+            if self._identities.get(rank, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)) != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+                os.close(fd)
+                raise BridgeError(
+                    f"{path}: the file changed while it was being read (replaced or rewritten since its structure was read).",
+                    fix="do not modify a DeepSpeed checkpoint while it is converted; run again",
+                )
+            self._fds[rank] = fd
         return fd
 
     def file_ranges(self, name: str) -> FileRanges:

@@ -236,3 +236,21 @@ def test_inspect_reports_recoverable(capsys, zero3_run, tiny_dir) -> None:
     assert "global_step" in zero["fix"]
     vllm = next(v for v in report["verdicts"] if v["server"].startswith("vLLM 0.32"))
     assert vllm["status"] == "fails" and any("EngineDeadError" in n for n in vllm["notes"])
+
+
+def test_rank_file_replaced_after_open_is_refused(all_linear_adapter, tmp_path) -> None:
+    """Offsets read from one file must not be used to copy from another: a rank file rewritten
+    between reading the checkpoint's structure and reading its values is an error naming it."""
+    from gemma4_bridge.errors import BridgeError
+
+    run, _ = _synthetic_run(all_linear_adapter, tmp_path, 2, 1, torch.float32)
+    ckpt = Zero3Checkpoint.open(locate_checkpoint(run, None))
+    name = next(iter(ckpt.param_shapes))
+    path = ckpt.partitions[1][0]
+    replacement = path.with_suffix(".new")
+    shutil.copy2(path, replacement)
+    os.replace(replacement, path)  # same bytes, another file
+    with pytest.raises(BridgeError, match="changed while it was being read") as err:
+        ckpt.file_ranges(name)
+    assert str(path) in str(err.value)
+    ckpt.close()
