@@ -167,16 +167,15 @@ class CanonicalPlan:
         kernel, and a thread checks those values finite on read-only maps meanwhile; leaving the
         block waits for it and raises the NaN/Inf error, so an output is never committed unchecked.
 
-        Why: recovery is data movement (0.7 GB here); reading it into this process and writing it
-        back out cost 4x a plain copy of the output.
+        Why: recovery is data movement (0.7 GB in the benchmark); reading it into this process and
+        writing it back out from user space took 2-3x the wall time.
         """
         zero3 = self.zero3
-        picked = [e for e in self.tensors if e.from_zero3 and zero3 is not None and e.dtype == zero3.dtype]
+        picked = [e for e in self.tensors if e.from_zero3 and e.dtype == zero3.dtype] if zero3 is not None else []
         if zero3 is None or not picked:
             yield
             return
-        for rank in range(zero3.world_size):
-            zero3._fd(rank)  # opened here, once: the check thread and the writer share them
+        zero3.open_files()
         by_name = {self.zero3_names[e.key]: e for e in picked}
         stop = threading.Event()
         result: list[Any] = []

@@ -21,8 +21,8 @@ import math
 import os
 import re
 import sys
-import zipfile
 import threading
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -285,6 +285,12 @@ class Zero3Checkpoint:
             self._fds[rank] = fd
         return fd
 
+    def open_files(self) -> None:
+        """Open every rank file now, so threads reading values (:meth:`nonfinite`) and the writer
+        copying :meth:`file_ranges` share the descriptors without racing to open them."""
+        for rank in range(self.world_size):
+            self._fd(rank)
+
     def file_ranges(self, name: str) -> FileRanges:
         """Parameter ``name``'s values (the checkpoint's dtype) as ranges of the rank files, for
         :func:`~.safetensors_stream.write_streaming` to copy inside the kernel; the files stay open
@@ -306,30 +312,15 @@ class Zero3Checkpoint:
         import torch
 
         dtype = getattr(torch, self.dtype)
-        merged: dict[int, list[list[int]]] = {}  # rank -> [offset, end] of adjacent chunks
-        for name in names:
-            for rank, offset, nbytes in self._chunks(name):
-                spans = merged.setdefault(rank, [])
-                if spans and spans[-1][1] == offset:
-                    spans[-1][1] += nbytes
-                else:
-                    spans.append([offset, offset + nbytes])
-        finite = True
-        for rank, spans in merged.items():
-            for offset, end in spans:
-                for lo in range(offset, end, self.WINDOW):
-                    if stop is not None and stop.is_set():
-                        return None
-                    with self._mapped(rank, lo, min(end, lo + self.WINDOW) - lo) as raw:
-                        finite = math.isfinite(raw.view(dtype).sum().item())
-                        del raw
-                    if not finite:
-                        break
-                if not finite:
-                    break
+        for rank, lo, hi in self._windows(names):
+            if stop is not None and stop.is_set():
+                return None
+            with self._mapped(rank, lo, hi - lo) as raw:
+                finite = math.isfinite(raw.view(dtype).sum().item())
+                del raw
             if not finite:
                 break
-        if finite:
+        else:
             return None
         for name in names:
             bad = 0
@@ -340,6 +331,22 @@ class Zero3Checkpoint:
             if bad:
                 return name, bad
         return None
+
+    def _windows(self, names: Sequence[str]) -> Iterator[tuple[int, int, int]]:
+        """(rank, start, end) byte ranges of the rank files holding ``names``' values: adjacent
+        chunks merged (a rank holds consecutive parameters back to back), cut into windows."""
+        merged: dict[int, list[list[int]]] = {}  # rank -> [start, end] of merged chunks
+        for name in names:
+            for rank, offset, nbytes in self._chunks(name):
+                spans = merged.setdefault(rank, [])
+                if spans and spans[-1][1] == offset:
+                    spans[-1][1] += nbytes
+                else:
+                    spans.append([offset, offset + nbytes])
+        for rank, spans in merged.items():
+            for start, end in spans:
+                for lo in range(start, end, self.WINDOW):
+                    yield rank, lo, min(end, lo + self.WINDOW)
 
     @contextlib.contextmanager
     def _mapped(self, rank: int, offset: int, nbytes: int) -> Iterator[Any]:
