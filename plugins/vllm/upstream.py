@@ -89,6 +89,9 @@ HOOKS: dict[str, Hook] = {
     # Defined in lora/utils.py; patched where model_manager looks it up (fact manager_imports_supported_check).
     "lora_supported_module": Hook("vllm.lora.utils", "is_supported_lora_module",
                                   ("module_name", "module", "supported_lora_modules")),
+    # Bidirectional image attention (model.py check_bidirectional_vision): each sliding layer's backend says
+    # whether it honours mm-prefix ranges; without it the engine refuses to start (facts bidi_vision_*).
+    "attn_backend_mm_prefix": Hook("vllm.v1.attention.backend", "AttentionBackend.supports_mm_prefix", (), patched=False),
 }
 
 
@@ -144,6 +147,39 @@ SOURCE_FACTS: dict[str, SourceFact] = {
         "model_executor/models/gemma4_mm.py", "recursive_replace_linear(",
         "towers are transformers modules whose Linears vLLM replaces (tower LoRA targets ...linear)",
         dict.fromkeys(RELEASES, True),
+    ),
+    # use_bidirectional_attention="vision": vLLM serves it bidirectionally by itself where the backend can
+    # (no hook needed); model.py refuses where it cannot. Measured per release; a change fails the contract test.
+    "bidi_vision_is_mm_prefix_lm": SourceFact(
+        "transformers_utils/model_arch_config_convertor.py",
+        'getattr(self.hf_text_config, "use_bidirectional_attention", None)\n            == "vision"',
+        "Gemma4ModelArchConfigConvertor makes use_bidirectional_attention='vision' configs mm-prefix LMs",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "bidi_vision_unified_convertor": SourceFact(
+        "transformers_utils/model_arch_config_convertor.py", '    "gemma4_unified": Gemma4ModelArchConfigConvertor,',
+        "the 12B Unified (model_type gemma4_unified) gets that convertor too",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "bidi_vision_layer_backend": SourceFact(
+        "model_executor/layers/attention/attention.py", "use_mm_prefix=self.use_mm_prefix,",
+        "each Attention layer selects its attn_backend with use_mm_prefix (GPU selectors then need supports_mm_prefix)",
+        dict.fromkeys(RELEASES, True),
+    ),
+    "bidi_vision_cpu_backend_mm_prefix": SourceFact(
+        "v1/attention/backends/cpu_attn.py", "def supports_mm_prefix",
+        "CPU_ATTN (which vLLM's CPU platform picks whatever use_mm_prefix says) has mm-prefix support",
+        dict.fromkeys(RELEASES, False),
+    ),
+    "bidi_vision_ranges_inline": SourceFact(
+        "v1/worker/gpu_model_runner.py", 'if mm_feature.modality == "audio":',
+        "mm-prefix ranges skip audio (0.32: in the model runner), as transformers attends audio causally",
+        {"0.32": True, "0.33": False, "0.34": False},
+    ),
+    "bidi_vision_ranges_helper": SourceFact(
+        "v1/attention/backends/utils.py", 'if mm_feature.modality not in ("image", "video"):',
+        "mm-prefix ranges cover image and video items only (0.33+: compute_mm_prefix_ranges)",
+        {"0.32": False, "0.33": True, "0.34": True},
     ),
 }
 
