@@ -29,7 +29,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -253,14 +253,17 @@ def parity_prompts(model: Path) -> dict[str, tuple[dict[str, Any], dict[str, Any
     return out
 
 
-def max_logprob_diff(llm: Any, params: Any, prompts: dict[str, Any], request: Any, model: Path, reference: Path | None) -> float:
+def max_logprob_diff(
+    llm: Any, params: Any, prompts: dict[str, Any], request: Any, model: Path, reference: Path | None, load: Callable[[Path], Any] | None = None
+) -> float:
     """Max |prompt log-prob difference| between ``llm`` (with ``request``'s adapter) and
-    transformers + PEFT (``reference`` adapter, float32 on the CPU) over ``prompts``."""
+    transformers + PEFT (``reference`` adapter, float32 on the CPU) over ``prompts``; ``load``
+    loads the transformers model (default: the E-series' loader)."""
     import torch
 
     from gemma4_bridge.testing.fixtures import load_tiny_model
 
-    hf = load_tiny_model(model)
+    hf = (load or load_tiny_model)(model)
     if reference is not None:
         from peft import PeftModel
 

