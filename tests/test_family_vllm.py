@@ -164,6 +164,7 @@ def test_bidirectional_vision_refused_on_cpu_unless_images_off_or_opted_in(tmp_p
     refusal guards a real difference)."""
     from vllm.exceptions import VLLMValidationError
 
+    from gemma4_bridge.errors import BridgeError
     from gemma4_bridge.plugins.vllm import model as plugin_model
     from gemma4_bridge.testing import family
 
@@ -173,9 +174,17 @@ def test_bidirectional_vision_refused_on_cpu_unless_images_off_or_opted_in(tmp_p
     adapter = write_family_adapter(model_dir, tmp_path / "text", seed=7)
     monkeypatch.delenv(plugin_model.CAUSAL_VISION_ENV, raising=False)
 
-    with pytest.raises(Exception, match=r"refuses to start: .*use_bidirectional_attention='vision'.*CPU_ATTN has no mm-prefix "
+    with pytest.raises(BridgeError, match=r"refuses to start: .*use_bidirectional_attention='vision'.*CPU_ATTN has no mm-prefix "
                        r"support.*Fix: serve it on a GPU.*--limit-mm-per-prompt .*GEMMA4_BRIDGE_CAUSAL_VISION=1"):  # fmt: skip
         with engine(model_dir, limit_mm_per_prompt={"image": 1, "audio": 1, "video": 0}):
+            pass
+
+    dense = build_family_member(tmp_path / "dense", family_spec("dense"))  # the multimodal class (31B-like), flag set
+    config = json.loads((dense / "config.json").read_text())
+    config["text_config"]["use_bidirectional_attention"] = "vision"
+    (dense / "config.json").write_text(json.dumps(config, indent=1))
+    with pytest.raises(BridgeError, match=r"refuses to start: .*CPU_ATTN has no mm-prefix support"):
+        with engine(dense):
             pass
 
     with engine(model_dir, limit_mm_per_prompt={"image": 0, "audio": 1, "video": 0}) as llm:
