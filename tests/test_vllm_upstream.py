@@ -68,6 +68,12 @@ def test_source_contract_check_detects_changes(tmp_path: Path) -> None:
     # The off-loop front-end hook awaits add_request: a synchronous one would break it.
     assert "vllm.v1.engine.async_llm.AsyncLLM.add_request is no longer a coroutine function" in problems
     assert any("generate_awaits_add_request" in p and "is False in 0.34" in p for p in problems)
+    # A release whose CPU attention learnt mm-prefix ranges, or whose Gemma 4 convertor lost them.
+    (src / "v1/attention/backends").mkdir(parents=True)
+    (src / "v1/attention/backends/cpu_attn.py").write_text("class CPUAttentionBackend:\n    def supports_mm_prefix(cls): ...\n")
+    problems = upstream.verify_source(src, "0.34")
+    assert any("source fact bidi_vision_cpu_backend_mm_prefix" in p and "is True in 0.34" in p for p in problems)
+    assert any("source fact bidi_vision_is_mm_prefix_lm" in p and "is False in 0.34" in p for p in problems)
 
 
 @pytest.mark.parametrize(("version", "column"), [("0.32.0", "0.32"), ("0.33.1.dev4+gabc", "0.33"), ("0.34.0", "0.34"), ("0.35.0", None), ("0.31.2", None)])
