@@ -32,7 +32,7 @@ from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import AdapterDir
 from gemma4_bridge.errors import BridgeError
 
-from gemma4_bridge.layout import NON_LANGUAGE
+from gemma4_bridge.layout import LANGUAGE_MODEL, NON_LANGUAGE
 from gemma4_bridge.output import atomic_output_file, check_output
 
 from .canonical import plan, require_layout
@@ -114,7 +114,7 @@ def _name_map(n_blocks: int) -> Any:
 
 def llamacpp_tensor_name(path: str, n_blocks: int) -> tuple[Any, str] | None:
     """(MODEL_TENSOR, "blk.N.xxx.weight") for a transformers module path, through gguf-py's map."""
-    hf_name = path.replace("language_model.", "", 1) + ".weight"  # as convert_hf_to_gguf's filter_tensors
+    hf_name = path.replace(f"{LANGUAGE_MODEL}.", "", 1) + ".weight"  # as convert_hf_to_gguf's filter_tensors
     return _name_map(n_blocks).get_type_and_name(hf_name, try_suffixes=(".weight",))
 
 

@@ -248,7 +248,7 @@ def _text_decoder(model: torch.nn.Module) -> torch.nn.Module:
     decoder = getattr(inner, LANGUAGE_MODEL, None) or inner
     if decoder is None or not hasattr(decoder, "layers"):
         raise BridgeError(
-            f"{type(model).__name__} is not a Gemma 4 transformers model (no model.language_model.layers).",
+            f"{type(model).__name__} is not a Gemma 4 transformers model (no model.{LANGUAGE_MODEL}.layers).",
             fix="pass the model loaded with Gemma4ForConditionalGeneration / Gemma4ForCausalLM.from_pretrained",
         )
     return decoder

@@ -42,6 +42,8 @@ import torch
 from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioAttention
 from vllm.lora.layers import ReplicatedLinearWithLoRA
 
+from gemma4_bridge.layout import NON_TOKEN_LINEARS, TOWERS
+
 # Every line of Gemma4AudioAttention.forward that touches position_embeddings, the relative keys or
 # matrix_bd, in order: the per-item keys change the row count of relative_key_states and the last
 # dimension of matrix_bd, and nothing else may read them before _rel_shift.
@@ -128,7 +130,7 @@ def supported() -> bool:
 
 def serves(site: Any) -> bool:
     """True for a LoRA site (a layout ``LinearSite``) that is not token-wise but is served here per audio item."""
-    return site.component == "audio_tower" and site.path.endswith(".self_attn.relative_k_proj") and supported()
+    return site.component == TOWERS.get("audio") and NON_TOKEN_LINEARS.search(site.path) is not None and supported()
 
 
 def install(audio_tower: torch.nn.Module | None) -> int:
