@@ -89,14 +89,27 @@ def upstream(name: str) -> Callable[..., Any]:
     """The upstream callable behind hook ``name`` (the original, if already wrapped)."""
     if name in _ORIGINALS:
         return _ORIGINALS[name]
+    owner, attr = _owner(name)
+    return getattr(owner, attr)
+
+
+def _owner(name: str) -> tuple[Any, str]:
+    """(the module or class holding hook ``name``'s callable, its attribute name)."""
     import importlib
 
     hook = HOOKS[name]
-    module_name, qualname = hook.module, hook.qualname
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
+    *path, attr = hook.qualname.split(".")
+    owner: Any = importlib.import_module(hook.module)
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, attr
+
+
+def _replace(name: str, replacement: Callable[..., Any]) -> None:
+    """Put ``replacement`` where hook ``name``'s callable is, keeping the original for :func:`upstream`."""
+    owner, attr = _owner(name)
+    _ORIGINALS[name] = getattr(owner, attr)
+    setattr(owner, attr, replacement)
 
 
 def verify_upstream() -> list[str]:
@@ -126,33 +139,24 @@ def install() -> None:
             "gemma4-bridge's vLLM hooks do not fit the installed vLLM: " + "; ".join(problems) + ".",
             fix=f"install a vLLM release gemma4-bridge supports (pip install 'vllm{SUPPORTED_VLLM}') or upgrade gemma4-bridge",
         )
-    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.model_manager import LoRAModelManager
-    from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.engine.core import EngineCore
-    from vllm.v1.engine.input_processor import InputProcessor
 
-    if needed("lora_set_adapter_mapping"):
-        _ORIGINALS["lora_set_adapter_mapping"] = LoRAModelManager._set_adapter_mapping
-        LoRAModelManager._set_adapter_mapping = _set_adapter_mapping  # type: ignore[method-assign]
+    # Methods replaced where HOOKS says they live, each only where needed() (its bug is present).
+    methods = {
+        "lora_set_adapter_mapping": _set_adapter_mapping,
+        "frontend_process_inputs": _process_inputs,
+        "frontend_add_request": _add_request,
+        "frontend_load_lora_adapter": _load_lora_adapter,
+        "frontend_resolve_lora": _resolve_lora,
+        "engine_add_request": _engine_add_request,
+    }
+    for name, replacement in methods.items():
+        if needed(name):
+            _replace(name, replacement)
+    # A classmethod: the original is its function, the replacement wrapped again.
     _ORIGINALS["lora_from_local_checkpoint"] = LoRAModel.from_local_checkpoint.__func__  # type: ignore[attr-defined]
     LoRAModel.from_local_checkpoint = classmethod(_from_local_checkpoint)  # type: ignore[assignment]
-    if needed("frontend_process_inputs"):
-        _ORIGINALS["frontend_process_inputs"] = InputProcessor.process_inputs
-        InputProcessor.process_inputs = _process_inputs  # type: ignore[method-assign]
-    if needed("frontend_add_request"):
-        _ORIGINALS["frontend_add_request"] = AsyncLLM.add_request
-        AsyncLLM.add_request = _add_request  # type: ignore[method-assign]
-    if needed("frontend_load_lora_adapter"):
-        _ORIGINALS["frontend_load_lora_adapter"] = OpenAIServingModels.load_lora_adapter
-        OpenAIServingModels.load_lora_adapter = _load_lora_adapter  # type: ignore[method-assign]
-    if needed("frontend_resolve_lora"):
-        _ORIGINALS["frontend_resolve_lora"] = OpenAIServingModels.resolve_lora
-        OpenAIServingModels.resolve_lora = _resolve_lora  # type: ignore[method-assign]
-    if needed("engine_add_request"):
-        _ORIGINALS["engine_add_request"] = EngineCore.add_request
-        EngineCore.add_request = _engine_add_request  # type: ignore[method-assign]
+    # Patched in the module that calls it (the LoRA manager's own global), not where HOOKS finds it.
     if needed("lora_supported_module"):
         import vllm.lora.model_manager as model_manager
 
