@@ -87,6 +87,35 @@ def file_deltas(adapter: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def randomize_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Seeded random values for every LoRA factor of a live PEFT model (PEFT starts B at zero: no delta)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def lora_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{module path: scaling * B @ A} of a live PEFT model's default adapter, computed here (float32)."""
+    return {
+        name.removeprefix(PREFIX): module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight)
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+
+
+def base_plus(model_dir: Path, deltas: dict[str, torch.Tensor]) -> Any:
+    """A fresh base model with W += delta on each module: the independent reference for LoRA logits."""
+    from gemma4_bridge.testing.fixtures import load_tiny_model
+
+    model = load_tiny_model(model_dir)
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            model.get_submodule(path).weight += delta
+    return model
+
+
 def peft_deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
     """{module path: delta} as PEFT itself computes it after loading ``adapter`` (rsLoRA and patterns included)."""
     from peft import PeftModel

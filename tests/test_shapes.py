@@ -11,16 +11,15 @@ to PEFT's exact logits, merge to PEFT's ``merge_and_unload`` and be served by vL
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from convert_helpers import all_logits, default_adapter_name, mm_inputs, write_variant
+from convert_helpers import all_logits, base_plus, default_adapter_name, lora_deltas, mm_inputs, randomize_lora, write_variant
 from vllm_helpers import PROMPTS, TOL, assert_parity, hf_inputs, hf_model, hf_prompt_logprobs, vllm_request
 
 from gemma4_bridge.converters import convert_adapter, inspect_adapter, merge_adapter
 from gemma4_bridge.testing.family import kv_sharing_runs_without_per_layer_inputs
-from gemma4_bridge.testing.fixtures import OTHER_SHAPES, build_tiny_gemma4, load_tiny_model, write_peft_adapter
+from gemma4_bridge.testing.fixtures import OTHER_SHAPES, PATTERNED_LORA, build_tiny_gemma4, load_tiny_model, write_peft_adapter
 
 
 @pytest.fixture(scope="module", params=list(OTHER_SHAPES))
@@ -31,15 +30,8 @@ def shape(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         pytest.skip("the installed transformers cannot forward KV-shared layers without per-layer inputs (5.24: TypeError), so it is no reference")
     root = tmp_path_factory.mktemp(request.param)
     model = build_tiny_gemma4(root / "model", spec)
-    peft = write_peft_adapter(model, root / "peft", use_rslora=True, rank_pattern={"q_proj": 8, "down_proj": 2},
-                              alpha_pattern={"o_proj": 3}, seed=5)  # fmt: skip
+    peft = write_peft_adapter(model, root / "peft", seed=5, **PATTERNED_LORA)
     return {"model": model, "peft": peft, "raw": write_variant(peft, root / "raw", rename=default_adapter_name)}
-
-
-def _peft(model: Path, adapter: Path) -> Any:
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_tiny_model(model), adapter).eval()
 
 
 def test_convert_and_merge_keep_peft_numbers(shape: dict[str, Path], tmp_path: Path) -> None:
@@ -47,14 +39,14 @@ def test_convert_and_merge_keep_peft_numbers(shape: dict[str, Path], tmp_path: P
     report = inspect_adapter(raw, base=model)
     assert report.status == "fixable" and "adapter-name-in-keys" in report.flavours, (report.status, report.flavours)
     inputs = mm_inputs(model)
-    reference = all_logits(_peft(model, peft), inputs)
+    reference = all_logits(hf_model(model, peft), inputs)
     base = all_logits(load_tiny_model(model), inputs)
     assert all(float((reference[k] - base[k]).abs().max()) > 0.1 for k in inputs), "the adapter must move every modality"
     convert_adapter(raw, tmp_path / "canonical", base=model)
-    converted = all_logits(_peft(model, tmp_path / "canonical"), inputs)
+    converted = all_logits(hf_model(model, tmp_path / "canonical"), inputs)
     merge_adapter(raw, model, tmp_path / "merged")
     merged = all_logits(load_tiny_model(tmp_path / "merged"), inputs)
-    peft_merged = all_logits(_peft(model, peft).merge_and_unload(), inputs)
+    peft_merged = all_logits(hf_model(model, peft).merge_and_unload(), inputs)
     for k in inputs:
         assert torch.equal(converted[k], reference[k]), (k, float((converted[k] - reference[k]).abs().max()))
         assert float((merged[k] - peft_merged[k]).abs().max()) < 1e-5, k
@@ -90,7 +82,7 @@ def test_training_wrapper_targets_and_saves_canonically(shape: dict[str, Path], 
     """prepare_model + lora_config on the shape: all-linear targets reach the tower linears inside the
     clamp; logits equal an independent W + scaling * B @ A reference; the saved adapter is canonical
     (convert renames nothing) and stock PEFT reloads it to the same logits."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     from gemma4_bridge.converters.canonical import plan
     from gemma4_bridge.layout import Gemma4Layout
@@ -100,19 +92,9 @@ def test_training_wrapper_targets_and_saves_canonically(shape: dict[str, Path], 
     inputs = mm_inputs(model_dir)
     prepared = prepare_model(load_tiny_model(model_dir))
     model = get_peft_model(prepared, lora_config(prepared, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomize_lora(model)
     trained = all_logits(model, inputs)
-    reference = load_tiny_model(model_dir)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if hasattr(module, "lora_A") and "default" in module.lora_A:
-                delta = module.scaling["default"] * (module.lora_B["default"].weight @ module.lora_A["default"].weight)
-                reference.get_submodule(name.removeprefix("base_model.model.")).weight += delta
-    want, base = all_logits(reference, inputs), all_logits(load_tiny_model(model_dir), inputs)
+    want, base = all_logits(base_plus(model_dir, lora_deltas(model)), inputs), all_logits(load_tiny_model(model_dir), inputs)
     for k in inputs:
         assert float((trained[k] - base[k]).abs().max()) > 0.1, k
         # float32 reassociation (x @ (W + BA) vs x @ W + (x @ A) @ B) grows with depth: 1.6e-5 at 7 layers,
@@ -121,5 +103,5 @@ def test_training_wrapper_targets_and_saves_canonically(shape: dict[str, Path], 
     out = save_adapter(model, tmp_path / "adapter")
     report = plan(out, Gemma4Layout.from_model_dir(model_dir))
     assert report.healthy and not report.problems and report.renamed == 0, report.problems
-    reloaded = all_logits(PeftModel.from_pretrained(load_tiny_model(model_dir), out).eval(), inputs)
+    reloaded = all_logits(hf_model(model_dir, out), inputs)
     assert all(torch.equal(reloaded[k], trained[k]) for k in inputs)

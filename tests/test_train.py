@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from convert_helpers import base_plus, lora_deltas, randomize_lora
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from gemma4_bridge.adapter_io import METADATA_KEY, AdapterDir
@@ -76,14 +77,6 @@ def _assert_agree(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-5) -> N
     """
     err = ((got - want).norm() / want.norm()).item()
     assert err < tol, f"relative error {err:.3g} >= {tol}"
-
-
-def _randomize_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def _peft(tiny_dir: Path, target_modules: Any = ATTN, **kwargs: Any) -> Any:
@@ -159,23 +152,15 @@ def test_forward_at_init_is_bit_exact(tiny_dir: Path, mm_batch: dict[str, torch.
 
 def test_delta_acts_inside_the_clamp(tiny_dir: Path, mm_batch: dict[str, torch.Tensor]) -> None:
     model = _peft(tiny_dir)
-    _randomize_lora(model)
+    randomize_lora(model)
     unmerged = _logits(model, mm_batch)
     base_model = load_tiny_model(tiny_dir)
     base = _logits(base_model, mm_batch)
     assert (unmerged - base).abs().max() > 0.05  # the adapter moves logits, so equalities below mean something
 
     # Independent reference: W' = W + scaling * B @ A on every target, computed here, in a fresh base model.
-    deltas = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and "default" in module.lora_A:
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
-            deltas[name.removeprefix("base_model.model.")] = module.scaling["default"] * (b @ a)
-    reference = load_tiny_model(tiny_dir)
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            reference.get_submodule(path).weight += delta
-    _assert_agree(unmerged, _logits(reference, mm_batch))
+    deltas = lora_deltas(model)
+    _assert_agree(unmerged, _logits(base_plus(tiny_dir, deltas), mm_batch))
     _assert_agree(_logits(model.merge_and_unload(), mm_batch), unmerged)
 
     # Control: the same delta added outside the clamp (what an nn.Linear-subclass wrapper does)
@@ -198,7 +183,7 @@ def test_saved_adapter_is_canonical_and_reloads_without_registration(
     from gemma4_bridge.converters.canonical import plan
 
     model = _peft(tiny_dir)
-    _randomize_lora(model)
+    randomize_lora(model)
     trained = _logits(model, mm_batch)
     out = save_adapter(model, tmp_path / "adapter")
     adapter = AdapterDir.open(out)

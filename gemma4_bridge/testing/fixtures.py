@@ -291,6 +291,8 @@ OTHER_SHAPES: dict[str, TinySpec] = {
     }),
     "two-layer-audio-double-wide": variant(double_wide_mlp=True, overrides={"audio": {"num_hidden_layers": 2}}),
 }  # fmt: skip
+# LoRA settings that give each module its own scaling (rsLoRA, rank and alpha patterns), for write_peft_adapter.
+PATTERNED_LORA: dict[str, Any] = {"use_rslora": True, "rank_pattern": {"q_proj": 8, "down_proj": 2}, "alpha_pattern": {"o_proj": 3}}
 
 
 def load_tiny_model(model_dir: str | os.PathLike[str]) -> Any:

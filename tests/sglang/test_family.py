@@ -40,7 +40,7 @@ from gemma4_bridge.testing.family import (
     load_family_model,
     write_family_adapter,
 )
-from gemma4_bridge.testing.fixtures import OTHER_SHAPES, build_tiny_gemma4, write_peft_adapter
+from gemma4_bridge.testing.fixtures import OTHER_SHAPES, PATTERNED_LORA, build_tiny_gemma4, write_peft_adapter
 
 ARCHES = {"Gemma4ForConditionalGeneration": "gemma4_mm", "Gemma4UnifiedForConditionalGeneration": "gemma4_unified"}
 MEMBER_ARCH = {"moe": "Gemma4ForConditionalGeneration", "dense": "Gemma4ForConditionalGeneration", "unified": "Gemma4UnifiedForConditionalGeneration",
@@ -63,8 +63,7 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
         out[member] = {"model": model, "text": write_family_adapter(model, root / "text", seed=11)}
     for shape, spec in OTHER_SHAPES.items():  # rsLoRA and rank/alpha patterns, which SGLang itself ignores
         model = build_tiny_gemma4(tmp_path_factory.mktemp(shape) / "model", spec)
-        text = write_peft_adapter(model, model.parent / "text", target_modules=TEXT_LINEARS, use_rslora=True,
-                                  rank_pattern={"q_proj": 8, "down_proj": 2}, alpha_pattern={"o_proj": 3}, seed=14)  # fmt: skip
+        text = write_peft_adapter(model, model.parent / "text", target_modules=TEXT_LINEARS, seed=14, **PATTERNED_LORA)
         out[shape] = {"model": model, "text": text}
     moe = out["moe"]
     moe["experts"] = write_family_adapter(moe["model"], moe["model"].parent / "experts", target_parameters=EXPERT_PARAMETERS, seed=12)
