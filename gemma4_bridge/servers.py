@@ -419,7 +419,7 @@ class SGLangClass(ServerProfile):
                 f"{plan.weights_label}: {len(towers)} LoRA module(s) target {', '.join(kinds)} (e.g. {towers[0].a.source_key}); "
                 "SGLang applies LoRA to the language model only, so they would be lost (or mis-applied to text layers).",
                 f"{elsewhere}, or retrain with target_modules limited to the language model, e.g. "
-                r"'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)'",
+                rf"'.*{LANGUAGE_MODEL}.*\.({'|'.join(SGLANG_TARGETS)})'",
             ))  # fmt: skip
             return out
         other = [m for m in plan.modules if m.site.leaf not in SGLANG_TARGETS or m.site.text_layer is None]

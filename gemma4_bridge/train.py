@@ -291,7 +291,7 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
     if not targets:
         raise BridgeError(
             f"target_modules={config.target_modules!r} matches no module of this Gemma 4 model.",
-            fix="name linears as PEFT does, e.g. ['q_proj', 'v_proj'], a regex like '.*language_model.*\\.q_proj', "
+            fix=f"name linears as PEFT does, e.g. ['q_proj', 'v_proj'], a regex like '.*{LANGUAGE_MODEL}.*\\.q_proj', "
             "or 'all-linear'",
         )
     return sorted(targets)
