@@ -111,6 +111,7 @@ class DemoAdapter:
 
 
 def _build(work: Path, *, skip_zero3: bool, say: Any = print) -> tuple[Path, list[DemoAdapter]]:
+    from gemma4_bridge.testing.family import TEXT_LINEARS
     from gemma4_bridge.testing.fixtures import build_tiny_gemma4, write_peft_adapter
 
     model = work / "model"
@@ -119,8 +120,7 @@ def _build(work: Path, *, skip_zero3: bool, say: Any = print) -> tuple[Path, lis
         build_tiny_gemma4(model)
     src = work / "adapters"
     src.mkdir(exist_ok=True)
-    text_regex = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    text = _once(src / "peft_text", lambda p: write_peft_adapter(model, p, target_modules=text_regex, seed=2))
+    text = _once(src / "peft_text", lambda p: write_peft_adapter(model, p, target_modules=TEXT_LINEARS, seed=2))
     towers = _once(src / "peft_towers", lambda p: write_peft_adapter(model, p, exclude_modules=["relative_k_proj"], seed=3))
     all_linear = _once(src / "peft_all_linear", lambda p: write_peft_adapter(model, p, seed=4))
     out = [

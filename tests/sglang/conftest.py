@@ -54,6 +54,7 @@ if _NO_SGLANG is not None:
 
 import torch  # noqa: E402
 
+from gemma4_bridge.testing.family import TEXT_LINEARS  # noqa: E402
 from gemma4_bridge.testing.fixtures import build_tiny_gemma4, variant, write_peft_adapter  # noqa: E402
 from convert_helpers import default_adapter_name, write_variant  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -61,7 +62,6 @@ from sglang_helpers import (  # noqa: E402
     _EXTERNAL_KEY,
     EXTERNAL_ROUTE_TEST,
     MAX_LORA_RANK,
-    TEXT_TARGETS,
     build_sglang_model,
     external_route_process,
     lora_manager,
@@ -101,12 +101,12 @@ def sg_adapters(sg_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     """Real PEFT adapters for the model, one per PEFT-side flavour."""
     root = tmp_path_factory.mktemp("sg_adapters")
     return {
-        "text": write_peft_adapter(sg_model_dir, root / "text", target_modules=TEXT_TARGETS, seed=2),
+        "text": write_peft_adapter(sg_model_dir, root / "text", target_modules=TEXT_LINEARS, seed=2),
         # PEFT's own default for gemma4 (q and v only): SGLang needs zero K, and V is absent on k_eq_v layers.
         "qv": write_peft_adapter(sg_model_dir, root / "qv", target_modules=r".*language_model\..*\.(q_proj|v_proj)", seed=3),
         # Per-module scaling SGLang ignores: rsLoRA, rank_pattern, alpha_pattern.
         "rslora_patterns": write_peft_adapter(
-            sg_model_dir, root / "rslora", target_modules=TEXT_TARGETS, seed=4, r=4, lora_alpha=8, use_rslora=True,
+            sg_model_dir, root / "rslora", target_modules=TEXT_LINEARS, seed=4, r=4, lora_alpha=8, use_rslora=True,
             rank_pattern={"o_proj": 2, "layers.1.mlp.down_proj": 8}, alpha_pattern={"gate_proj": 3},
         ),  # fmt: skip
         "all_linear": write_peft_adapter(sg_model_dir, root / "all_linear", seed=5),

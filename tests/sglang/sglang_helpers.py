@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 
-TEXT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 MAX_LORA_RANK = 8
 
 
