@@ -129,7 +129,7 @@ def test_pattern_key_is_peft_matching() -> None:
 
     from gemma4_bridge.converters.peft_config import pattern_key
 
-    patterns = ["q_proj", "linear", r"layers\.0\.self_attn\.k_proj", "vision_tower.encoder.layers.0.mlp.down_proj", "mlp\.\w+_proj"]
+    patterns = ["q_proj", "linear", r"layers\.0\.self_attn\.k_proj", "vision_tower.encoder.layers.0.mlp.down_proj", r"mlp\.\w+_proj"]
     names = [
         "model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.0.self_attn.k_proj",
         "model.language_model.layers.10.self_attn.k_proj", "model.vision_tower.encoder.layers.0.self_attn.q_proj.linear",

@@ -147,12 +147,11 @@ def _runs_reentrant(model: Any) -> bool | None:
 @pytest.fixture(scope="module")
 def zero3_training(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("train_zero3")
-    from gemma4_bridge.testing.zero3_job import launch_cpu_ranks
+    from gemma4_bridge.testing.zero3_job import failure_report, launch_cpu_ranks
 
     proc = launch_cpu_ranks([__file__, str(tiny_dir), str(out)], world_size=2, env={"DS_ACCELERATOR": "cpu"}, timeout_s=420)
     if proc.returncode != 0:
-        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("[rank0]")]
-        pytest.fail("ZeRO-3 job failed:\n" + "\n".join(lines[-40:] or (proc.stdout + proc.stderr).splitlines()[-40:]))
+        pytest.fail("ZeRO-3 job failed:\n" + failure_report(proc))
     return out
 
 

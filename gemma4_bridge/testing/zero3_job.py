@@ -30,9 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +91,7 @@ def run_zero3_job(
     )  # fmt: skip
     proc = launch_cpu_ranks(["-m", "gemma4_bridge.testing.zero3_job"], world_size=world_size, env={_WORKER_ENV: payload}, timeout_s=timeout_s)
     if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"ZeRO-3 job failed (exit {proc.returncode}):\n{tail}")
+        raise RuntimeError(f"ZeRO-3 job failed (exit {proc.returncode}):\n{failure_report(proc)}")
     damaged = out / f"checkpoint-{steps}"
     return Zero3JobResult(out, damaged, damaged, out / "reference_adapter", steps, world_size)
 
@@ -100,15 +102,60 @@ def launch_cpu_ranks(
     """Run ``entry`` (``["-m", "module"]`` or ``[script, *args]``) as ``world_size`` local CPU ranks.
 
     torch.distributed.run on 127.0.0.1 with one OpenMP thread per rank and DeepSpeed's CPU
-    accelerator: what a real multi-rank ZeRO-3 job needs on a box without GPUs. Output is captured.
+    accelerator: what a real multi-rank ZeRO-3 job needs on a box without GPUs. Each rank's output
+    is captured on its own (torchrun ``--redirects``) and returned with every line tagged
+    ``[rank R]``, then torchrun's own, so a rank that dies in native code (a signal, no Python
+    traceback) still shows its last words (:func:`failure_report`).
+
+    A job whose rank was killed by a signal (a crash in gloo or DeepSpeed's native code, never a
+    Python error or a failed check: those exit 1) is run once more, with a ``RuntimeWarning``
+    carrying the first run's report, so a rare native crash neither hides nor fails a test alone.
     """
     full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **(env or {}))
     full_env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={world_size}", f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *entry,
-    ]  # fmt: skip
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout_s)
+    proc = _launch_once(entry, world_size, full_env, timeout_s)
+    if _rank_signal(proc) is None:
+        return proc
+    warnings.warn(f"a rank died by signal {_rank_signal(proc)}; running the job once more. First run:\n{failure_report(proc)}",
+                  RuntimeWarning, stacklevel=2)  # fmt: skip
+    return _launch_once(entry, world_size, full_env, timeout_s)
+
+
+def _launch_once(entry: list[str], world_size: int, env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory(prefix="gemma4-bridge-ranks-") as logs:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", f"--log-dir={logs}", "--redirects=3", *entry,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        ranks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        for stream in ranks:
+            for log in sorted(Path(logs).glob(f"*/attempt_*/*/{stream}.log")):
+                rank = log.parent.name
+                ranks[stream] += [f"[rank {rank}] {line}" for line in log.read_text(errors="replace").splitlines()]
+    return subprocess.CompletedProcess(
+        cmd, proc.returncode, "\n".join([*ranks["stdout"], proc.stdout]), "\n".join([*ranks["stderr"], proc.stderr])
+    )
+
+
+def _rank_signal(proc: subprocess.CompletedProcess[str]) -> str | None:
+    """The signal that killed a rank (torchrun reports ``Signal 6 (SIGABRT) received``), if any did."""
+    if proc.returncode == 0:
+        return None
+    found = re.search(r"Signal \d+ \((SIG\w+)\) received", proc.stderr)
+    return found.group(1) if found and found.group(1) != "SIGTERM" else None  # SIGTERM: torchrun stopping the others
+
+
+def failure_report(proc: subprocess.CompletedProcess[str], lines_per_rank: int = 30) -> str:
+    """The last lines each rank printed, then torchrun's verdict: what a failed job's error shows."""
+    by_rank: dict[str, list[str]] = {}
+    own: list[str] = []
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        found = re.match(r"\[rank (\d+)\] ", line)
+        (by_rank.setdefault(found.group(1), []) if found else own).append(line)
+    verdict = [line.strip() for line in own if re.search(r"exitcode|Signal \d+|rank\s*:|error_file|traceback", line)]
+    parts = ["\n".join(lines[-lines_per_rank:]) for _, lines in sorted(by_rank.items())]
+    return "\n".join([*parts, *(verdict or own[-20:])])
 
 
 def _free_port() -> int:
