@@ -20,6 +20,36 @@ if TYPE_CHECKING:
 SELECTION_FIELDS = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")
 
 
+# LoRA variants whose delta is not scaling * B @ A on every token of the named base, by the
+# adapter_config.json field that turns each on: (problem code, what it changes). Each is refused by
+# name, never served or merged as plain LoRA. VeLoRA is absent: it swaps in a backward pass only.
+LORA_VARIANTS: dict[str, tuple[str, str]] = {
+    "alora_invocation_tokens": ("alora", "Activated LoRA applies the delta only from the invocation tokens on, not to the whole sequence"),
+    "layer_replication": ("layer-replication", "layer_replication stacks copies of base layers into a deeper model than the base"),
+    "use_qalora": ("qalora", "QA-LoRA feeds lora_A group-pooled inputs of a quantized base"),
+    "use_bdlora": ("bdlora", "BD-LoRA uses block-diagonal factors that PEFT expands per tensor-parallel shard"),
+    "arrow_config": ("arrow", "Arrow routes each token among several adapters"),
+    "monteclora_config": ("monteclora", "MonteCLoRA keeps a learned distribution over lora_A, with tensors beyond A and B"),
+    "kasa_config": ("kasa", "KaSA truncates the base weight's singular values and adds a learned diagonal"),
+}
+# init_lora_weights values (prefixes: "pissa_niter_4") under which PEFT subtracts the initial
+# B0 @ A0 from the base weights before training: the trained delta belongs to that residual base.
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def variant_fields(config: Mapping[str, Any]) -> list[str]:
+    """The :data:`LORA_VARIANTS` fields ``config`` turns on."""
+    return [name for name in LORA_VARIANTS if config.get(name) not in (None, False, [], {})]
+
+
+def base_modifying_init(config: Mapping[str, Any]) -> str | None:
+    """``init_lora_weights`` when it names an init that modified the base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA)."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+        return init
+    return None
+
+
 def pattern_key(keys: Iterable[str], module: str) -> str | None:
     """The first ``rank_pattern``/``alpha_pattern`` key that applies to ``module``, as PEFT picks it; None if none."""
     return next((key for key in keys if re.match(rf"(.*\.)?({key})$", module)), None)

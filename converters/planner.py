@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gemma4_bridge.errors import BridgeError
@@ -15,12 +16,62 @@ from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Absence, Gem
 from gemma4_bridge.names import PEFT_PREFIX, ParsedKey, Resolution, canonical_module_path, lora_key, parse_key, resolve_parsed
 
 from .experts import ExpertPlanner
-from .peft_config import canonical_config, effective_rank_alpha, lora_scaling
+from .peft_config import LORA_VARIANTS, base_modifying_init, canonical_config, effective_rank_alpha, lora_scaling, variant_fields
 from .plans import CanonicalPlan, ModuleDelta, PlannedTensor, Problem, Severity
 from .sources import TensorSource
 
 if TYPE_CHECKING:
     from .zero3 import Zero3Checkpoint
+
+
+def config_problems(c: Mapping[str, Any], where: str) -> list[Problem]:
+    """What an adapter_config.json (or a LoraConfig's dict, ``where`` naming it) says is wrong before any
+    tensor is read: trained parts that are not LoRA, and variants whose delta is not scaling * B @ A."""
+    out: list[Problem] = []
+    if c.get("modules_to_save"):
+        out.append(Problem(
+            "modules-to-save", "broken",
+            f"{where}: modules_to_save={c['modules_to_save']} holds fully trained modules, which vLLM and SGLang "
+            "cannot load as LoRA (vLLM refuses the adapter).",
+            "retrain without modules_to_save, or serve the merged model from 'gemma4-bridge merge' after "
+            "merging those modules with PEFT's merge_and_unload",
+        ))  # fmt: skip
+    if c.get("use_dora"):
+        out.append(Problem(
+            "dora", "broken", f"{where}: use_dora=true; DoRA's delta is not scaling * B @ A and no server here loads it.",
+            "merge it with PEFT's merge_and_unload and serve the merged model, or retrain with plain LoRA",
+        ))  # fmt: skip
+    init = base_modifying_init(c)
+    if init is not None:
+        out.append(Problem(
+            "base-modifying-init", "broken",
+            f"{where}: init_lora_weights={init!r}: PEFT subtracts the initial B @ A from the base weights before "
+            "training, so the trained delta belongs to that residual base, not to the base the adapter names; "
+            "served or merged onto the original weights it gives other numbers.",
+            "convert it to a plain LoRA of the original base with PEFT: save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=<dir with the adapter saved at init>) (rank 2r); or, if the "
+            "base you serve already holds the modified weights, set init_lora_weights to true in adapter_config.json",
+        ))  # fmt: skip
+    for name in variant_fields(c):
+        code, what = LORA_VARIANTS[name]
+        out.append(Problem(
+            code, "broken", f"{where}: {name}={c[name]!r}: {what}; servers and merge apply plain LoRA (scaling * B @ A "
+            "on the base's own linears, every token), which is not what was trained.",
+            "serve it with PEFT itself, or retrain as plain LoRA",
+        ))  # fmt: skip
+    if str(c.get("bias", "none")) != "none" or c.get("lora_bias"):
+        out.append(Problem(
+            "bias", "broken", f"{where}: bias={c.get('bias')!r} / lora_bias={c.get('lora_bias')!r}: trained biases are not LoRA weights servers load.",
+            "retrain with bias='none' and lora_bias=false, or merge with PEFT and serve the merged model",
+        ))  # fmt: skip
+    if isinstance(c.get("target_modules"), str):
+        out.append(Problem(
+            "regex-target-modules", "fixable",
+            f"{where}: target_modules is the pattern {c['target_modules']!r}; SGLang rejects patterns and other "
+            "tools may expand them differently.",
+            "gemma4-bridge convert writes the explicit module list",
+        ))  # fmt: skip
+    return out
 
 
 class Planner:
@@ -94,33 +145,10 @@ class Planner:
         return plan_
 
     def _check_config(self) -> None:
-        c, where = self.config, f"{self.source_label}/adapter_config.json"
-        if c.get("modules_to_save"):
-            self.problem(
-                "modules-to-save", "broken",
-                f"{where}: modules_to_save={c['modules_to_save']} holds fully trained modules, which vLLM and SGLang "
-                "cannot load as LoRA (vLLM refuses the adapter).",
-                "retrain without modules_to_save, or serve the merged model from 'gemma4-bridge merge' after "
-                "merging those modules with PEFT's merge_and_unload",
-            )  # fmt: skip
-        if c.get("use_dora"):
-            self.problem(
-                "dora", "broken", f"{where}: use_dora=true; DoRA's delta is not scaling * B @ A and no server here loads it.",
-                "merge it with PEFT's merge_and_unload and serve the merged model, or retrain with plain LoRA",
-            )
-        if str(c.get("bias", "none")) != "none" or c.get("lora_bias"):
-            self.problem(
-                "bias", "broken", f"{where}: bias={c.get('bias')!r} / lora_bias={c.get('lora_bias')!r}: trained biases are not LoRA weights servers load.",
-                "retrain with bias='none' and lora_bias=false, or merge with PEFT and serve the merged model",
-            )
+        c = self.config
+        self.problems += config_problems(c, f"{self.source_label}/adapter_config.json")
         if isinstance(c.get("target_modules"), str):
             self.flavour("regex-target-modules")
-            self.problem(
-                "regex-target-modules", "fixable",
-                f"{where}: target_modules is the pattern {c['target_modules']!r}; SGLang rejects patterns and other "
-                "tools may expand them differently.",
-                "gemma4-bridge convert writes the explicit module list",
-            )  # fmt: skip
 
     def _resolve_keys(self) -> list[tuple[Resolution, tuple[int, ...], str]]:
         """Resolve every key; collect problems for keys that are not usable LoRA weights."""

@@ -334,7 +334,20 @@ def lora_config(model: torch.nn.Module, config: Any) -> Any:
     Layer selection (``layers_to_transform``, ``exclude_modules``) is already applied to the list, so
     it is cleared; ``rank_pattern``/``alpha_pattern`` are expanded per target, matched against the
     name the user sees (``q_proj`` for a tower's ``q_proj.linear``).
+
+    A config whose adapter could not be served or merged as trained (DoRA, a base-modifying init
+    such as PiSSA, a LoRA variant, modules_to_save, biases) is refused here, before training, by
+    the planner's own checks: ``save_adapter`` would refuse it only after the run.
     """
+    from gemma4_bridge.converters.planner import config_problems
+
+    refused = [q for q in config_problems(_config_dict(config), "LoraConfig") if q.severity == "broken"]
+    if refused:
+        raise BridgeError(
+            " ".join(q.message for q in refused),
+            fix="train plain LoRA (init_lora_weights True, 'gaussian', 'eva' or 'orthogonal'; no DoRA, variant, "
+            f"modules_to_save or bias), or train with PEFT itself and then: {refused[0].fix}",
+        )
     parameters = resolve_target_parameters(model, config)
     if parameters and config.target_modules is not None and not config.target_modules:
         targets: list[str] = []  # experts only (target_modules=[])

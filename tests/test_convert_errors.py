@@ -165,6 +165,11 @@ def test_pickle_adapter_is_converted(capsys, tmp_path, all_linear_adapter, tiny_
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"use_dora": True}, "use_dora"),
         ({"bias": "all"}, "bias"),
+        ({"init_lora_weights": "pissa_niter_4"}, "path_initial_model_for_weight_conversion"),
+        ({"init_lora_weights": "olora"}, "residual base"),
+        ({"alora_invocation_tokens": [7, 8]}, "invocation tokens"),
+        ({"layer_replication": [[0, 2], [1, 3]]}, "layer_replication"),
+        ({"use_qalora": True}, "QA-LoRA"),
     ],
 )
 def test_unservable_configs(capsys, tmp_path, all_linear_adapter, tiny_dir, change, expect) -> None:
