@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import COMPONENT_BY_NAME, LANGUAGE_MODEL, Absence, Gemma4Layout, LinearSite
+from gemma4_bridge.layout import (
+    COMPONENT_BY_NAME, LANGUAGE_MODEL, SAVED_EMBEDDING_TABLE, TIED_OUTPUT, Absence, Gemma4Layout, LinearSite,
+)  # fmt: skip
 from gemma4_bridge.names import PEFT_PREFIX, ParsedKey, Resolution, canonical_module_path, lora_key, parse_key, resolve_parsed
 
 from .experts import ExpertPlanner
@@ -22,6 +24,12 @@ from .sources import TensorSource
 
 if TYPE_CHECKING:
     from .zero3 import Zero3Checkpoint
+
+
+TIED_OUTPUT_FIX = (
+    f"retrain without {TIED_OUTPUT} or embed_tokens in target_modules (PEFT's 'all-linear' leaves both out), or serve "
+    "the adapter with PEFT itself"
+)
 
 
 def config_problems(c: Mapping[str, Any], where: str) -> list[Problem]:
@@ -156,6 +164,14 @@ class Planner:
         seen: dict[str, str] = {}
         for key, (shape, dtype) in self.src.specs.items():
             parsed = parse_key(key)
+            if parsed is None and SAVED_EMBEDDING_TABLE.search(key):
+                self.problem(
+                    "saved-embedding-table", "broken",
+                    f"{self.label}: tensor {key} is the whole embedding table, which PEFT saves (save_embedding_layers) "
+                    f"when {TIED_OUTPUT} or embed_tokens, which share it, is a target; servers load LoRA factors only.",
+                    TIED_OUTPUT_FIX, (key,),
+                )  # fmt: skip
+                continue
             if parsed is None:
                 code = "modules-to-save" if self.config.get("modules_to_save") or "modules_to_save" in key else "not-lora"
                 if code == "not-lora" and key.endswith(".bias"):
@@ -233,6 +249,13 @@ class Planner:
             self.problem(
                 "missing-tower", "broken", f"{self.label}: tensor {key}: {reason}; this adapter was trained on a model with that tower.",
                 "pass --base with the model the adapter was trained on", (key,),
+            )  # fmt: skip
+        elif res.parsed.module.rpartition(".")[2] == TIED_OUTPUT:
+            self.problem(
+                "tied-output-lora", "broken",
+                f"{self.label}: tensor {key} is a LoRA on {TIED_OUTPUT}, the output projection Gemma 4 ties to embed_tokens: "
+                "PEFT applies it to the logits only, a merge into the shared table would change the input embeddings "
+                "too, and the servers here load no LoRA for it.", TIED_OUTPUT_FIX, (key,),
             )  # fmt: skip
         else:
             self.problem(

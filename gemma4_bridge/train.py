@@ -51,7 +51,7 @@ from packaging.version import Version
 from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import write_adapter
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import LANGUAGE_MODEL, TOWERS, Gemma4Layout
+from gemma4_bridge.layout import LANGUAGE_MODEL, TIED_OUTPUT, TOWERS, Gemma4Layout
 from gemma4_bridge.output import atomic_output_dir, staged_files
 from gemma4_bridge.upstream_bugs import FIXED_KV_SHARING_RELEASE, KV_SHARING_CACHE_RANGE, present
 
@@ -293,6 +293,15 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
             f"target_modules={config.target_modules!r} matches no module of this Gemma 4 model.",
             fix=f"name linears as PEFT does, e.g. ['q_proj', 'v_proj'], a regex like '.*{LANGUAGE_MODEL}.*\\.q_proj', "
             "or 'all-linear'",
+        )
+    outside = sorted(t for t in targets if t not in layout.linears)
+    if outside:
+        tied = [t for t in outside if t.rpartition(".")[2] == TIED_OUTPUT]
+        raise BridgeError(
+            f"target_modules={config.target_modules!r} reaches {', '.join(outside[:3])}, not a linear of the model's LoRA "
+            f"layout{f' ({TIED_OUTPUT} is tied to embed_tokens: PEFT would save the whole table, and a merge would change the input embeddings too)' if tied else ''}; "
+            "the adapter could not be served or merged.",
+            fix=f"leave {', '.join(sorted({t.rpartition('.')[2] for t in outside}))} out of target_modules ('all-linear' does)",
         )
     return sorted(targets)
 

@@ -101,6 +101,20 @@ def test_broken(capsys, tmp_path, all_linear_adapter, tiny_dir, name, kwargs, co
     assert verdict(report, "vLLM + gemma4-bridge")["status"] == "fails"
 
 
+def test_lm_head_lora_is_named_not_blamed_on_the_base(capsys, tmp_path, all_linear_adapter, tiny_dir) -> None:
+    """PEFT with lm_head in target_modules (tied to embed_tokens) saves its LoRA and the whole table:
+    refused as what it is, not as 'trained for another model'."""
+    head = "base_model.model.lm_head"
+    extra = {f"{head}.lora_A.weight": torch.ones(4, 64), f"{head}.lora_B.weight": torch.ones(512, 4), f"{head}.base_layer.weight": torch.ones(512, 64)}
+    src = write_variant(all_linear_adapter, tmp_path / "lm_head", extra=extra)
+    rc, report = inspect_json(capsys, src, "--base", str(tiny_dir))
+    codes = {p["code"]: p for p in report["problems"]}
+    assert rc == 3 and "unknown-module" not in codes, codes
+    assert codes["tied-output-lora"]["tensors"] and "embed_tokens" in codes["tied-output-lora"]["message"]
+    assert codes["saved-embedding-table"]["tensors"] == [f"{head}.base_layer.weight"]
+    assert "target_modules" in codes["tied-output-lora"]["fix"]
+
+
 def test_nan_scan_can_be_skipped(capsys, tmp_path, all_linear_adapter, tiny_dir) -> None:
     src = write_variant(all_linear_adapter, tmp_path / "nan", transform=lambda k, v: v * float("nan") if k == B_KEY else v)
     rc, _ = inspect_json(capsys, src, "--base", str(tiny_dir), "--no-scan")
