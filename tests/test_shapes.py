@@ -6,39 +6,50 @@ differ), a vision tower of two layers and another width without ``attention_k_eq
 tower of two layers beside the double-wide MLP of KV-shared layers. On each, a PEFT all-linear
 adapter with rsLoRA and rank/alpha patterns, saved with hand-saved ``.default.`` names, must convert
 to PEFT's exact logits, merge to PEFT's ``merge_and_unload`` and be served by vLLM at parity.
+Beside the three named shapes, seeded random ones (``random_shape``: depth, KV-shared tail, layer
+pattern, head counts and sizes, widths, k_eq_v, towers) go through the same checks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from convert_helpers import all_logits, base_plus, default_adapter_name, lora_deltas, mm_inputs, randomize_lora, write_variant
-from vllm_helpers import PROMPTS, TOL, assert_parity, hf_inputs, hf_model, hf_prompt_logprobs, vllm_request
+from vllm_helpers import TOL, assert_parity, hf_inputs, hf_model, hf_prompt_logprobs, vllm_request
 
 from gemma4_bridge.converters import convert_adapter, inspect_adapter, merge_adapter
 from gemma4_bridge.testing.family import kv_sharing_runs_without_per_layer_inputs
-from gemma4_bridge.testing.fixtures import OTHER_SHAPES, PATTERNED_LORA, build_tiny_gemma4, load_tiny_model, write_peft_adapter
+from gemma4_bridge.testing.fixtures import OTHER_SHAPES, PATTERNED_LORA, TinySpec, build_tiny_gemma4, load_tiny_model, random_shape, write_peft_adapter
 
 
-@pytest.fixture(scope="module", params=list(OTHER_SHAPES))
-def shape(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """(model, PEFT adapter, the same adapter hand-saved) for one shape."""
-    spec = OTHER_SHAPES[request.param]
+SHAPES: dict[str, TinySpec] = {**OTHER_SHAPES, **{f"random-{seed}": random_shape(seed, servable=True) for seed in range(4)}}
+
+
+def kinds(spec: TinySpec) -> list[str]:
+    """The prompt kinds the shape can take: text, and image / audio where it has the tower."""
+    return ["text", *(["image"] if spec.vision else []), *(["audio"] if spec.audio else [])]
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shape(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """(model, PEFT adapter, the same adapter hand-saved, prompt kinds) for one shape."""
+    spec = SHAPES[request.param]
     if spec.overrides.get("text", {}).get("hidden_size_per_layer_input") == 0 and not kv_sharing_runs_without_per_layer_inputs():
         pytest.skip("the installed transformers cannot forward KV-shared layers without per-layer inputs (5.24: TypeError), so it is no reference")
     root = tmp_path_factory.mktemp(request.param)
     model = build_tiny_gemma4(root / "model", spec)
     peft = write_peft_adapter(model, root / "peft", seed=5, **PATTERNED_LORA)
-    return {"model": model, "peft": peft, "raw": write_variant(peft, root / "raw", rename=default_adapter_name)}
+    return {"model": model, "peft": peft, "raw": write_variant(peft, root / "raw", rename=default_adapter_name), "kinds": kinds(spec)}
 
 
-def test_convert_and_merge_keep_peft_numbers(shape: dict[str, Path], tmp_path: Path) -> None:
+def test_convert_and_merge_keep_peft_numbers(shape: dict[str, Any], tmp_path: Path) -> None:
     model, peft, raw = shape["model"], shape["peft"], shape["raw"]
     report = inspect_adapter(raw, base=model)
     assert report.status == "fixable" and "adapter-name-in-keys" in report.flavours, (report.status, report.flavours)
-    inputs = mm_inputs(model)
+    inputs = {k: v for k, v in mm_inputs(model).items() if k in shape["kinds"]}
     reference = all_logits(hf_model(model, peft), inputs)
     base = all_logits(load_tiny_model(model), inputs)
     assert all(float((reference[k] - base[k]).abs().max()) > 0.1 for k in inputs), "the adapter must move every modality"
@@ -53,7 +64,7 @@ def test_convert_and_merge_keep_peft_numbers(shape: dict[str, Path], tmp_path: P
 
 
 @pytest.mark.vllm
-def test_vllm_serves_the_hand_saved_adapter(shape: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vllm_serves_the_hand_saved_adapter(shape: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     import vllm.envs
 
     vllm.envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's env reads
@@ -64,12 +75,13 @@ def test_vllm_serves_the_hand_saved_adapter(shape: dict[str, Path], monkeypatch:
 
     model = shape["model"]
     llm = LLM(str(model), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=4, seed=0, enable_lora=True,
-              max_lora_rank=8, enable_tower_connector_lora=True, limit_mm_per_prompt={"image": 1, "audio": 1})  # fmt: skip
+              max_lora_rank=8, enable_tower_connector_lora=True,
+              limit_mm_per_prompt={kind: 1 for kind in shape["kinds"] if kind != "text"})  # fmt: skip
     try:
         params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
         lora = LoRARequest("raw", 1, str(shape["raw"]))
         reference, base = hf_model(model, shape["peft"]), hf_model(model)
-        for kind in PROMPTS:
+        for kind in shape["kinds"]:
             inputs = hf_inputs(model, kind)
             expected = hf_prompt_logprobs(reference, inputs)
             assert float((expected[1] - hf_prompt_logprobs(base, inputs)[1]).abs().max()) > 10 * TOL, kind
@@ -78,7 +90,7 @@ def test_vllm_serves_the_hand_saved_adapter(shape: dict[str, Path], monkeypatch:
         llm.llm_engine.engine_core.shutdown()
 
 
-def test_training_wrapper_targets_and_saves_canonically(shape: dict[str, Path], tmp_path: Path) -> None:
+def test_training_wrapper_targets_and_saves_canonically(shape: dict[str, Any], tmp_path: Path) -> None:
     """prepare_model + lora_config on the shape: all-linear targets reach the tower linears inside the
     clamp; logits equal an independent W + scaling * B @ A reference; the saved adapter is canonical
     (convert renames nothing) and stock PEFT reloads it to the same logits."""
@@ -89,7 +101,7 @@ def test_training_wrapper_targets_and_saves_canonically(shape: dict[str, Path], 
     from gemma4_bridge.train import lora_config, prepare_model, save_adapter
 
     model_dir = shape["model"]
-    inputs = mm_inputs(model_dir)
+    inputs = {k: v for k, v in mm_inputs(model_dir).items() if k in shape["kinds"]}
     prepared = prepare_model(load_tiny_model(model_dir))
     model = get_peft_model(prepared, lora_config(prepared, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")))
     randomize_lora(model)

