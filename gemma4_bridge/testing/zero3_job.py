@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -127,7 +128,13 @@ def _launch_once(entry: list[str], world_size: int, env: dict[str, str], timeout
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}", f"--master_port={_free_port()}",
             "--master_addr=127.0.0.1", f"--log-dir={logs}", "--redirects=3", *entry,
         ]  # fmt: skip
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as job:
+            try:
+                stdout, stderr = job.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _stop(job)
+                raise
+        proc = subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
         ranks: dict[str, list[str]] = {"stdout": [], "stderr": []}
         for stream in ranks:
             for log in sorted(Path(logs).glob(f"*/attempt_*/*/{stream}.log")):
@@ -136,6 +143,17 @@ def _launch_once(entry: list[str], world_size: int, env: dict[str, str], timeout
     return subprocess.CompletedProcess(
         cmd, proc.returncode, "\n".join([*ranks["stdout"], proc.stdout]), "\n".join([*ranks["stderr"], proc.stderr])
     )
+
+
+def _stop(job: subprocess.Popen[str]) -> None:
+    """Stop a timed-out job and its ranks: SIGTERM makes torchrun stop the ranks it started in their own
+    sessions (a SIGKILL of torchrun alone left them running, orphaned); SIGKILL to its group if it hangs."""
+    job.terminate()
+    try:
+        job.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
 
 
 def _rank_signal(proc: subprocess.CompletedProcess[str]) -> str | None:
