@@ -209,28 +209,3 @@ def test_worker_skips_the_value_check_only_for_validated_snapshots(tiny_dir: Pat
     finally:
         served.parent.chmod(0o700)
         shutil.rmtree(staging)
-
-
-def test_snapshots_of_superseded_versions_are_removed(tiny_dir: Path, text_adapter: Path, tmp_path: Path) -> None:
-    """An adapter updated in place (atomic rename, as trainers write checkpoints) gets a snapshot per
-    version, but only the last two stay: the server does not hold a copy of every update."""
-    import os
-
-    from safetensors.torch import save_file
-
-    from gemma4_bridge.plugins.vllm import snapshot
-
-    adapter = write_variant(text_adapter, tmp_path / "updated")
-    weights = adapter / "adapter_model.safetensors"
-    processor = _stand_in_processor(tiny_dir)
-    served: list[Path] = []
-    for version in range(4):
-        if version:
-            tensors = {k: v * (1 + version) for k, v in load_file(weights).items()}
-            save_file(tensors, tmp_path / "next.safetensors", metadata={"format": "pt"})
-            os.replace(tmp_path / "next.safetensors", weights)
-        served.append(Path(hooks._validated_path(processor, str(adapter))))
-    assert len(set(served)) == 4 and [p.is_dir() for p in served] == [False, False, True, True]
-    assert snapshot.cached(adapter) == served[-1]
-    newest = load_file(served[-1] / "adapter_model.safetensors")
-    assert all(torch.equal(newest[k], v) for k, v in load_file(weights).items())

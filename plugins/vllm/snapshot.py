@@ -12,10 +12,7 @@ path. The copy is private, written once and never changed, so whatever the worke
 its structure again (it needs the plan) but not its values (:func:`is_validated_copy`). The kernel
 copies the bytes (``copy_file_range``; a 760 MB adapter cost ~0.9 s of SHA-256 alone). Copy and
 check run once per file version even when several threads ask at once (one lock per version);
-the API server runs them off its event loop (``hooks._validated_path_off_loop``). Per adapter
-directory the snapshots of the last :data:`KEEP_VERSIONS` file versions are kept (a request queued
-with the previous one may still load it); older ones are removed as a newer one is made, so a
-server whose adapters are updated in place holds at most two copies of each, not one per update.
+the API server runs them off its event loop (``hooks._validated_path_off_loop``).
 """
 
 from __future__ import annotations
@@ -45,8 +42,6 @@ _ROOT: list[Path] = []
 _SERIAL = itertools.count()  # names the snapshots of this process's private directory
 _LOCK = threading.Lock()  # guards _ROOT and _VERSION_LOCKS
 _VERSION_LOCKS: dict[tuple[object, ...], threading.Lock] = {}  # one per file version: one copy + check, however many ask
-KEEP_VERSIONS = 2  # snapshots kept per adapter directory: the current version and the one before
-_BY_DIR: dict[object, list[tuple[tuple[object, ...], Path]]] = {}  # adapter dir -> its snapshots, oldest first
 
 
 def snapshot_root() -> Path:
@@ -150,21 +145,7 @@ def _snapshot_once(key: tuple[object, ...], adapter_dir: Path, validate: Callabl
     final = snapshot_root() / f"{next(_SERIAL):06d}"
     staging.rename(final)
     _VERDICTS[key] = final
-    _retire_superseded(key, final)
     return final
-
-
-def _retire_superseded(key: tuple[object, ...], final: Path) -> None:
-    """Remove the snapshots of this adapter directory older than the last :data:`KEEP_VERSIONS`. A worker
-    still reading one keeps its open map; a request that would load one now fails alone (hooks)."""
-    with _LOCK:
-        versions = _BY_DIR.setdefault(key[0], [])
-        versions.append((key, final))
-        retired, versions[:] = versions[:-KEEP_VERSIONS], versions[-KEEP_VERSIONS:]
-    for old_key, path in retired:
-        if _VERDICTS.get(old_key) == path:
-            del _VERDICTS[old_key]
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _copy(src: Path, dst: Path) -> None:
