@@ -50,7 +50,7 @@ MERGE_ROUTE = (
 )
 # Planner problems that only say "not a LoRA weight here" (e.g. an embedding's saved base layer);
 # a specific reason (DoRA, embedding LoRA, towers, experts) is reported before them.
-GENERIC_CODES = ("not-lora", "unknown-module")
+GENERIC_CODES = ("not-lora", "unknown-module", "saved-embedding-table")
 
 
 def _gguf() -> Any:

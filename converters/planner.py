@@ -162,15 +162,16 @@ class Planner:
         """Resolve every key; collect problems for keys that are not usable LoRA weights."""
         out: list[tuple[Resolution, tuple[int, ...], str]] = []
         seen: dict[str, str] = {}
+        tables: list[Problem] = []  # by-products of an lm_head / embed_tokens target: said after its own problem
         for key, (shape, dtype) in self.src.specs.items():
             parsed = parse_key(key)
             if parsed is None and SAVED_EMBEDDING_TABLE.search(key):
-                self.problem(
+                tables.append(Problem(
                     "saved-embedding-table", "broken",
                     f"{self.label}: tensor {key} is the whole embedding table, which PEFT saves (save_embedding_layers) "
                     f"when {TIED_OUTPUT} or embed_tokens, which share it, is a target; servers load LoRA factors only.",
                     TIED_OUTPUT_FIX, (key,),
-                )  # fmt: skip
+                ))  # fmt: skip
                 continue
             if parsed is None:
                 code = "modules-to-save" if self.config.get("modules_to_save") or "modules_to_save" in key else "not-lora"
@@ -223,6 +224,7 @@ class Planner:
                 continue
             seen[res.canonical_key] = key
             out.append((res, shape, dtype))
+        self.problems += tables
         return out
 
     def _resolve(self, key: str, parsed: ParsedKey | None = None) -> Resolution | None:
