@@ -56,9 +56,11 @@ def config_problems(c: Mapping[str, Any], where: str) -> list[Problem]:
             f"{where}: init_lora_weights={init!r}: PEFT subtracts the initial B @ A from the base weights before "
             "training, so the trained delta belongs to that residual base, not to the base the adapter names; "
             "served or merged onto the original weights it gives other numbers.",
-            "convert it to a plain LoRA of the original base with PEFT: save_pretrained(out, "
-            "path_initial_model_for_weight_conversion=<dir with the adapter saved at init>) (rank 2r); or, if the "
-            "base you serve already holds the modified weights, set init_lora_weights to true in adapter_config.json",
+            "convert it to a plain LoRA of the original base with PEFT: load it with PeftModel.from_pretrained and "
+            "save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved at init; if it was not, "
+            "get_peft_model(base, the same LoraConfig).save_pretrained(dir) recreates it>) (rank 2r; README: "
+            "'Adapters PEFT initialised from the base'); or, if the base you serve already holds the modified weights, "
+            "set init_lora_weights to true in adapter_config.json",
         ))  # fmt: skip
     for name in variant_fields(c):
         code, what = LORA_VARIANTS[name]

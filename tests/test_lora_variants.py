@@ -77,3 +77,18 @@ def test_converted_adapter_merges_to_the_trained_model(capsys, pissa: dict, tiny
     assert main(["merge", str(converted), "--base", str(tiny_dir), "-o", str(out)]) == 0, capsys.readouterr().err
     merged = all_logits(load_tiny_model(out), pissa["inputs"])["text"]
     assert (merged - pissa["trained"]).abs().max().item() < 1e-4  # measured 7e-6
+
+
+def test_readme_recipe_converts_an_adapter_whose_init_was_not_saved(pissa: dict, tiny_dir: Path, tmp_path: Path) -> None:
+    """The README's route for an unconverted PiSSA adapter without its initial adapter: recreate the
+    init from the same config, load the trained adapter, let PEFT convert it; it then merges to the
+    trained model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    init = get_peft_model(load_tiny_model(tiny_dir), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa"))
+    init.save_pretrained(tmp_path / "initial")
+    trained = PeftModel.from_pretrained(load_tiny_model(tiny_dir), pissa["dir"] / "raw")
+    trained.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    assert main(["merge", str(tmp_path / "converted"), "--base", str(tiny_dir), "-o", str(tmp_path / "merged")]) == 0
+    merged = all_logits(load_tiny_model(tmp_path / "merged"), pissa["inputs"])["text"]
+    assert (merged - pissa["trained"]).abs().max().item() < 1e-4
