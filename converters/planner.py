@@ -7,8 +7,8 @@ instead of raising, and returns a :class:`~.plans.CanonicalPlan`.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gemma4_bridge.errors import BridgeError

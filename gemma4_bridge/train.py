@@ -296,11 +296,11 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
         )
     outside = sorted(t for t in targets if t not in layout.linears)
     if outside:
-        tied = [t for t in outside if t.rpartition(".")[2] == TIED_OUTPUT]
+        tied = any(t.rpartition(".")[2] == TIED_OUTPUT for t in outside)
+        why = f" ({TIED_OUTPUT} is tied to embed_tokens: PEFT would save the whole table, and a merge would change the input embeddings too)"
         raise BridgeError(
             f"target_modules={config.target_modules!r} reaches {', '.join(outside[:3])}, not a linear of the model's LoRA "
-            f"layout{f' ({TIED_OUTPUT} is tied to embed_tokens: PEFT would save the whole table, and a merge would change the input embeddings too)' if tied else ''}; "
-            "the adapter could not be served or merged.",
+            f"layout{why if tied else ''}; the adapter could not be served or merged.",
             fix=f"leave {', '.join(sorted({t.rpartition('.')[2] for t in outside}))} out of target_modules ('all-linear' does)",
         )
     return sorted(targets)
