@@ -209,3 +209,23 @@ def test_worker_skips_the_value_check_only_for_validated_snapshots(tiny_dir: Pat
     finally:
         served.parent.chmod(0o700)
         shutil.rmtree(staging)
+
+
+def test_snapshot_directory_is_held_against_tmp_cleaning(tiny_dir: Path, text_adapter: Path) -> None:
+    """systemd-tmpfiles' age-based cleaning skips a directory it cannot flock: the front end holds its
+    snapshot directory locked for its whole life, so week-old snapshots a worker may reload survive."""
+    import fcntl
+    import os
+
+    from gemma4_bridge.plugins.vllm import snapshot
+
+    served = Path(hooks._validated_path(_stand_in_processor(tiny_dir), str(text_adapter)))
+    fd = os.open(served.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as systemd-tmpfiles tries before cleaning a directory
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    assert served.parent == snapshot.snapshot_root()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import itertools
 import os
 import shutil
@@ -53,8 +54,21 @@ def snapshot_root() -> Path:
             _remove_stale(parent)
             root = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent))
             atexit.register(shutil.rmtree, root, True)
+            _hold_against_age_cleaning(root)
             _ROOT.append(root)
         return _ROOT[0]
+
+
+def _hold_against_age_cleaning(root: Path) -> None:
+    """Keep ``root`` flock()ed for the life of the process: systemd-tmpfiles' age-based cleaning of /tmp
+    (10 days on Fedora/RHEL) skips a directory it cannot lock, and the worker may reload an evicted
+    adapter from a snapshot weeks after it was made, inside a model step, where a missing file would
+    stop the engine. The descriptor is left open on purpose (closed with the process)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)  # a file system without flock: nothing to hold
 
 
 def _snapshot_parent() -> Path:
