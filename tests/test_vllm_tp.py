@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,10 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path: Path) -> None:
     if len(cpus) < 2:
         pytest.skip(f"tensor_parallel_size=2 needs 2 CPUs; this process may use {cpus}")
     script = Path(__file__).parents[1] / "examples" / "vllm_gpu_check.py"
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}", "TMPDIR": str(tmp_path)}
+    # The script's temporary files (vLLM's IPC sockets among them) in a short directory of their own:
+    # a socket path under tmp_path can pass the 107-byte limit of sun_path.
+    scratch = Path(tempfile.mkdtemp(prefix="g4b-tp-"))
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}", "TMPDIR": str(scratch)}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     # Own process group: whatever the script leaves (TP workers after a crash) is killed with it.
     proc = subprocess.Popen([sys.executable, str(script), "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -42,6 +47,7 @@ def test_gpu_check_script_smoke_run_on_cpu(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
     run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     lines = [line for line in run.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert run.returncode == 0 and len(lines) == 6 and all(line.startswith("PASS") for line in lines), run.stdout + run.stderr[-3000:]
