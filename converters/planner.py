@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from gemma4_bridge.errors import BridgeError
 from gemma4_bridge.layout import (
-    COMPONENT_BY_NAME, LANGUAGE_MODEL, SAVED_EMBEDDING_TABLE, TIED_OUTPUT, Absence, Gemma4Layout, LinearSite,
+    COMPONENT_BY_NAME, LANGUAGE_MODEL, SAVED_EMBEDDING_TABLE, TIED_OUTPUT, Absence, Gemma4Layout, LinearSite, is_tied_output,
 )  # fmt: skip
 from gemma4_bridge.names import PEFT_PREFIX, ParsedKey, Resolution, canonical_module_path, lora_key, parse_key, resolve_parsed
 
@@ -155,9 +155,9 @@ class Planner:
         return plan_
 
     def _check_config(self) -> None:
-        c = self.config
-        self.problems += config_problems(c, f"{self.source_label}/adapter_config.json")
-        if isinstance(c.get("target_modules"), str):
+        problems = config_problems(self.config, f"{self.source_label}/adapter_config.json")
+        self.problems += problems
+        if any(q.code == "regex-target-modules" for q in problems):
             self.flavour("regex-target-modules")
 
     def _resolve_keys(self) -> list[tuple[Resolution, tuple[int, ...], str]]:
@@ -254,7 +254,7 @@ class Planner:
                 "missing-tower", "broken", f"{self.label}: tensor {key}: {reason}; this adapter was trained on a model with that tower.",
                 "pass --base with the model the adapter was trained on", (key,),
             )  # fmt: skip
-        elif res.parsed.module.rpartition(".")[2] == TIED_OUTPUT:
+        elif is_tied_output(res.parsed.module):
             self.problem(
                 "tied-output-lora", "broken",
                 f"{self.label}: tensor {key} is a LoRA on {TIED_OUTPUT}, the output projection Gemma 4 ties to embed_tokens: "

@@ -83,7 +83,13 @@ NON_LINEAR_WEIGHTS = re.compile(r"(embed_tokens|embed_tokens_per_layer|position_
 # Gemma 4's output projection, tied to the text embedding table (tie_word_embeddings): no tensor of its
 # own in a checkpoint, and a LoRA on it (PEFT then also saves the whole table) is not a linear's delta.
 TIED_OUTPUT = "lm_head"
-SAVED_EMBEDDING_TABLE = re.compile(r"(^|\.)(lm_head|embed_tokens)(\.base_layer)?\.weight$")
+SAVED_EMBEDDING_TABLE = re.compile(rf"(^|\.)({TIED_OUTPUT}|embed_tokens)(\.base_layer)?\.weight$")
+
+
+def is_tied_output(module_path: str) -> bool:
+    """Whether ``module_path`` names the tied output projection (``lm_head``, under any prefix)."""
+    return module_path.rpartition(".")[2] == TIED_OUTPUT
+
 # Linears that do not act on the token stream: a LoRA there changes positional terms, not tokens.
 NON_TOKEN_LINEARS = re.compile(r"\.self_attn\.relative_k_proj$")
 _TEXT_LAYER = re.compile(rf"^{re.escape(COMPONENT_PREFIXES[LANGUAGE_MODEL])}layers\.(\d+)\.")

@@ -51,7 +51,7 @@ from packaging.version import Version
 from gemma4_bridge import __version__
 from gemma4_bridge.adapter_io import write_adapter
 from gemma4_bridge.errors import BridgeError
-from gemma4_bridge.layout import LANGUAGE_MODEL, TIED_OUTPUT, TOWERS, Gemma4Layout
+from gemma4_bridge.layout import LANGUAGE_MODEL, TIED_OUTPUT, TOWERS, Gemma4Layout, is_tied_output
 from gemma4_bridge.output import atomic_output_dir, staged_files
 from gemma4_bridge.upstream_bugs import FIXED_KV_SHARING_RELEASE, KV_SHARING_CACHE_RANGE, present
 
@@ -296,7 +296,7 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
         )
     outside = sorted(t for t in targets if t not in layout.linears)
     if outside:
-        tied = any(t.rpartition(".")[2] == TIED_OUTPUT for t in outside)
+        tied = any(is_tied_output(t) for t in outside)
         why = f" ({TIED_OUTPUT} is tied to embed_tokens: PEFT would save the whole table, and a merge would change the input embeddings too)"
         raise BridgeError(
             f"target_modules={config.target_modules!r} reaches {', '.join(outside[:3])}, not a linear of the model's LoRA "

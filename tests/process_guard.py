@@ -109,15 +109,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     deadline = time.monotonic() + GRACE_S
     while (left := vllm_leftovers(os.getpid())) and time.monotonic() < deadline:
         time.sleep(0.5)
-    for segment in shm_leftovers(_SESSION_START[0]):  # after the engines are gone: none is in use
+    if left:
+        _kill(list(left))
+        lines = "\n".join(f"  pid {pid}: {what}" for pid, what in left.items())
+        sys.stderr.write(
+            f"\nprocess_guard: {len(left)} vLLM process(es) of this test run were still alive at session end and were "
+            f"killed; the test that started them must shut them down (offline engines: VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+            f"or an explicit shutdown; servers: stop their process group):\n{lines}\n"
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    for segment in shm_leftovers(_SESSION_START[0]):  # the engines are gone now, killed ones included
         segment.unlink(missing_ok=True)
-    if not left:
-        return
-    _kill(list(left))
-    lines = "\n".join(f"  pid {pid}: {what}" for pid, what in left.items())
-    sys.stderr.write(
-        f"\nprocess_guard: {len(left)} vLLM process(es) of this test run were still alive at session end and were "
-        f"killed; the test that started them must shut them down (offline engines: VLLM_ENABLE_V1_MULTIPROCESSING=0 "
-        f"or an explicit shutdown; servers: stop their process group):\n{lines}\n"
-    )
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED

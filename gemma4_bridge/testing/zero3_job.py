@@ -115,9 +115,10 @@ def launch_cpu_ranks(
     full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **(env or {}))
     full_env.setdefault("DS_ACCELERATOR", "cpu")
     proc = _launch_once(entry, world_size, full_env, timeout_s)
-    if _rank_signal(proc) is None:
+    died_by = _rank_signal(proc)
+    if died_by is None:
         return proc
-    warnings.warn(f"a rank died by signal {_rank_signal(proc)}; running the job once more. First run:\n{failure_report(proc)}",
+    warnings.warn(f"a rank died by signal {died_by}; running the job once more. First run:\n{failure_report(proc)}",
                   RuntimeWarning, stacklevel=2)  # fmt: skip
     return _launch_once(entry, world_size, full_env, timeout_s)
 
@@ -134,15 +135,12 @@ def _launch_once(entry: list[str], world_size: int, env: dict[str, str], timeout
             except subprocess.TimeoutExpired:
                 _stop(job)
                 raise
-        proc = subprocess.CompletedProcess(cmd, job.returncode, stdout, stderr)
         ranks: dict[str, list[str]] = {"stdout": [], "stderr": []}
         for stream in ranks:
             for log in sorted(Path(logs).glob(f"*/attempt_*/*/{stream}.log")):
                 rank = log.parent.name
                 ranks[stream] += [f"[rank {rank}] {line}" for line in log.read_text(errors="replace").splitlines()]
-    return subprocess.CompletedProcess(
-        cmd, proc.returncode, "\n".join([*ranks["stdout"], proc.stdout]), "\n".join([*ranks["stderr"], proc.stderr])
-    )
+    return subprocess.CompletedProcess(cmd, job.returncode, "\n".join([*ranks["stdout"], stdout]), "\n".join([*ranks["stderr"], stderr]))
 
 
 def _stop(job: subprocess.Popen[str]) -> None:
