@@ -164,7 +164,7 @@ def _refusal(q: Problem) -> Problem:
             "merge with PEFT (merge_and_unload), save, and convert the merged model with llama.cpp's convert_hf_to_gguf.py",
             q.tensors,
         )  # fmt: skip
-    if q.code in ("dora", "embedding-lora", "bias", "modules-to-save", "not-lora"):
+    if q.code in ("dora", "embedding-lora", "bias", "modules-to-save", "trainable-tokens", "not-lora"):
         return Problem(q.code, "broken", f"{q.message} A llama.cpp adapter holds plain LoRA A/B pairs only.",
                        f"{q.fix}; then convert the merged model with llama.cpp's convert_hf_to_gguf.py", q.tensors)  # fmt: skip
     return q

@@ -31,6 +31,16 @@ TIED_OUTPUT_FIX = (
     "the adapter with PEFT itself"
 )
 
+TRAINABLE_TOKENS_TENSOR = ".trainable_tokens_delta"  # PEFT's TrainableTokensLayer (trainable_token_indices)
+TRAINABLE_TOKENS_WHAT = (
+    "PEFT trains those rows of the embedding table (shared with the tied lm_head) as whole new values, "
+    "which are not LoRA factors; vLLM and SGLang cannot load them."
+)
+TRAINABLE_TOKENS_FIX = (
+    "merge the adapter with PEFT's merge_and_unload (it writes the trained rows into the embedding table) and serve "
+    "the merged model, or retrain without trainable_token_indices"
+)
+
 
 def config_problems(c: Mapping[str, Any], where: str) -> list[Problem]:
     """What an adapter_config.json (or a LoraConfig's dict, ``where`` naming it) says is wrong before any
@@ -69,6 +79,9 @@ def config_problems(c: Mapping[str, Any], where: str) -> list[Problem]:
             "on the base's own linears, every token), which is not what was trained.",
             "serve it with PEFT itself, or retrain as plain LoRA",
         ))  # fmt: skip
+    if c.get("trainable_token_indices"):
+        out.append(Problem("trainable-tokens", "broken", f"{where}: trainable_token_indices={c['trainable_token_indices']!r}: {TRAINABLE_TOKENS_WHAT}",
+                           TRAINABLE_TOKENS_FIX))  # fmt: skip
     if str(c.get("bias", "none")) != "none" or c.get("lora_bias"):
         out.append(Problem(
             "bias", "broken", f"{where}: bias={c.get('bias')!r} / lora_bias={c.get('lora_bias')!r}: trained biases are not LoRA weights servers load.",
@@ -174,6 +187,10 @@ class Planner:
                     f"when {TIED_OUTPUT} or embed_tokens, which share it, is a target; servers load LoRA factors only.",
                     TIED_OUTPUT_FIX, (key,),
                 ))  # fmt: skip
+                continue
+            if parsed is None and key.endswith(TRAINABLE_TOKENS_TENSOR):
+                self.problem("trainable-tokens", "broken", f"{self.label}: tensor {key} holds trainable tokens: {TRAINABLE_TOKENS_WHAT}",
+                             TRAINABLE_TOKENS_FIX, (key,))  # fmt: skip
                 continue
             if parsed is None:
                 code = "modules-to-save" if self.config.get("modules_to_save") or "modules_to_save" in key else "not-lora"

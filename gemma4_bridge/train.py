@@ -345,7 +345,7 @@ def lora_config(model: torch.nn.Module, config: Any) -> Any:
     name the user sees (``q_proj`` for a tower's ``q_proj.linear``).
 
     A config whose adapter could not be served or merged as trained (DoRA, a base-modifying init
-    such as PiSSA, a LoRA variant, modules_to_save, biases) is refused here, before training, by
+    such as PiSSA, a LoRA variant, modules_to_save, trainable tokens, biases) is refused here, before training, by
     the planner's own checks: ``save_adapter`` would refuse it only after the run.
     """
     from gemma4_bridge.converters.planner import config_problems
@@ -355,7 +355,7 @@ def lora_config(model: torch.nn.Module, config: Any) -> Any:
         raise BridgeError(
             " ".join(q.message for q in refused),
             fix="train plain LoRA (init_lora_weights True, 'gaussian', 'eva' or 'orthogonal'; no DoRA, variant, "
-            f"modules_to_save or bias), or train with PEFT itself and then: {refused[0].fix}",
+            f"modules_to_save, trainable_token_indices or bias), or train with PEFT itself and then: {refused[0].fix}",
         )
     parameters = resolve_target_parameters(model, config)
     if parameters and config.target_modules is not None and not config.target_modules:

@@ -92,3 +92,23 @@ def test_readme_recipe_converts_an_adapter_whose_init_was_not_saved(pissa: dict,
     assert main(["merge", str(tmp_path / "converted"), "--base", str(tiny_dir), "-o", str(tmp_path / "merged")]) == 0
     merged = all_logits(load_tiny_model(tmp_path / "merged"), pissa["inputs"])["text"]
     assert (merged - pissa["trained"]).abs().max().item() < 1e-4
+
+
+def test_trainable_tokens_are_refused_by_name(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    """PEFT's trainable tokens (new rows of the tied embedding table, as values) are not LoRA: refused
+    everywhere by their own name and fix, not as an unknown tensor or as modules_to_save."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load_tiny_model(tiny_dir), LoraConfig(r=4, target_modules=TARGETS, trainable_token_indices={"embed_tokens": [3, 5]}))
+    model.save_pretrained(tmp_path / "tokens")
+    before = dir_digest(tmp_path / "tokens")
+    rc = main(["inspect", str(tmp_path / "tokens"), "--base", str(tiny_dir), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    found = [p for p in report["problems"] if p["code"] == "trainable-tokens"]
+    assert rc == 3 and len(found) == 2, report["problems"]  # the config's field and the saved tensor
+    assert any(t.endswith("trainable_tokens_delta") for p in found for t in p["tensors"])
+    assert all("merge_and_unload" in p["fix"] for p in found)
+    assert all(v["status"] == "fails" for v in report["verdicts"]), report["verdicts"]
+    rc = main(["convert", str(tmp_path / "tokens"), "--base", str(tiny_dir), "-o", str(tmp_path / "out")])
+    assert rc == 2 and "trainable_token_indices" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and dir_digest(tmp_path / "tokens") == before

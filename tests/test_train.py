@@ -141,6 +141,7 @@ def test_target_spec_forms(tiny_dir: Path) -> None:
         ({"use_dora": True}, "DoRA"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"layer_replication": [[0, 2]]}, "layer_replication"),
+        ({"trainable_token_indices": [3, 5]}, "trainable_token_indices=[3, 5]"),
         ({"target_modules": ["q_proj", "lm_head"]}, "lm_head is tied to embed_tokens"),
     ],
 )
