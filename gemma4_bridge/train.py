@@ -299,11 +299,25 @@ def resolve_target_modules(model: torch.nn.Module, config: Any) -> list[str]:
         tied = any(is_tied_output(t) for t in outside)
         why = f" ({TIED_OUTPUT} is tied to embed_tokens: PEFT would save the whole table, and a merge would change the input embeddings too)"
         raise BridgeError(
-            f"target_modules={config.target_modules!r} reaches {', '.join(outside[:3])}, not a linear of the model's LoRA "
+            f"target_modules={config.target_modules!r} reaches {', '.join(outside[:3])}"
+            f"{f' (and {len(outside) - 3} more)' if len(outside) > 3 else ''}, not a linear of the model's LoRA "
             f"layout{why if tied else ''}; the adapter could not be served or merged.",
-            fix=f"leave {', '.join(sorted({t.rpartition('.')[2] for t in outside}))} out of target_modules ('all-linear' does)",
+            fix=_narrowing_fix(config.target_modules, outside, targets - set(outside), wrappers),
         )
     return sorted(targets)
+
+
+def _narrowing_fix(target_modules: Any, outside: list[str], linears: set[str], wrappers: Mapping[str, str]) -> str:
+    """How to keep a target spec to linears: for a pattern (which PEFT matches against containers too,
+    e.g. '.*vision_tower.*'), the same pattern ending in the linears it meant; for names, leave the
+    others out."""
+    if isinstance(target_modules, str) and linears:
+        by_site = {site: wrapper for wrapper, site in wrappers.items()}
+        leaves = sorted({by_site.get(t, t).rpartition(".")[2] for t in linears})
+        suggestion = target_modules + "\\.(" + "|".join(leaves) + ")"
+        return (f"end the pattern in the linears it should reach, e.g. r'{suggestion}' "
+                "(PEFT matches a pattern against every module, containers too), or use 'all-linear'")
+    return f"leave {', '.join(sorted({t.rpartition('.')[2] for t in outside}))} out of target_modules ('all-linear' does)"
 
 
 def resolve_target_parameters(model: torch.nn.Module, config: Any) -> list[str]:

@@ -152,6 +152,18 @@ def test_unservable_lora_configs_are_refused_before_training(tiny_dir: Path, kwa
     assert err.value.fix and ("plain LoRA" in err.value.fix or "out of target_modules" in err.value.fix)
 
 
+
+def test_pattern_over_a_container_gets_a_pattern_that_works(tiny_dir: Path) -> None:
+    """'.*vision_tower.*' matches the tower's containers too (PEFT itself refuses those): the fix names
+    the same pattern ending in the tower's linears, and that pattern reaches exactly them."""
+    model = load_tiny_model(tiny_dir)
+    with pytest.raises(BridgeError, match=r"reaches model\.vision_tower, .* \(and \d+ more\)") as err:
+        lora_config(model, LoraConfig(target_modules=r".*vision_tower.*"))
+    suggestion = re.search(r"r'([^']+)'", err.value.fix).group(1)
+    assert suggestion.startswith(r".*vision_tower.*\.(")
+    vision = {p for p, site in Gemma4Layout.from_model_dir(tiny_dir).linears.items() if site.component == "vision_tower"}
+    assert set(lora_config(model, LoraConfig(target_modules=suggestion)).target_modules) == vision
+
 def test_save_adapter_on_plain_peft_model(tiny_dir: Path, all_linear_adapter: Path, tmp_path: Path) -> None:
     """No prepare_model, stock PEFT all-linear: save_adapter still writes the canonical, identical tensors."""
     model = PeftModel.from_pretrained(load_tiny_model(tiny_dir), all_linear_adapter)
