@@ -1,4 +1,5 @@
-"""Helpers for the family tests: other exporters' expert-LoRA forms, written from a PEFT adapter.
+"""Helpers for the family tests: model inputs and logits (stock transformers / PEFT), and other
+exporters' expert-LoRA forms, written from a PEFT adapter.
 
 The splitting here reads PEFT's layout straight from peft 0.21's ParamWrapper.get_delta_weight
 (lora_A.reshape(E, r, in), lora_B.reshape(out, r, E)); it never calls gemma4_bridge.converters.
@@ -10,8 +11,38 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from gemma4_bridge.testing.family import load_family_model
+
+
+
+def text_and_image_inputs(model_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A text prompt and an image prompt, through the member's own processor."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+    return {
+        "text": dict(processor(text=["the quick brown fox jumps over the lazy dog"], return_tensors="pt")),
+        "image": dict(processor(text=[f"a picture {processor.image_token} of a cat"], images=[image], return_tensors="pt")),
+    }
+
+
+@torch.no_grad()
+def logits(model, inputs) -> dict[str, torch.Tensor]:
+    return {kind: model(**batch).logits.float() for kind, batch in inputs.items()}
+
+
+def peft_logits(model_dir: Path, adapter: Path, inputs) -> dict[str, torch.Tensor]:
+    """Stock PEFT's logits of ``adapter`` on the member in ``model_dir``."""
+    from peft import PeftModel
+
+    return logits(PeftModel.from_pretrained(load_family_model(model_dir), adapter).eval(), inputs)
+
 
 _PEFT_EXPERTS = re.compile(r"^(?P<module>.+\.experts)(?P<nest>(?:\.base_layer)?)\.(?P<part>lora_[AB])\.weight$")
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from family_helpers import per_expert_form
+from family_helpers import logits, peft_logits, per_expert_form, text_and_image_inputs
 from gemma4_bridge.converters.canonical import plan
 from gemma4_bridge.converters.convert import convert_adapter
 from gemma4_bridge.converters.inspect import inspect_adapter
@@ -53,26 +52,7 @@ def expert_adapter(moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def inputs(moe_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    from PIL import Image
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(moe_dir)
-    image = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
-    return {
-        "text": dict(processor(text=["the quick brown fox jumps over the lazy dog"], return_tensors="pt")),
-        "image": dict(processor(text=[f"a picture {processor.image_token} of a cat"], images=[image], return_tensors="pt")),
-    }
-
-
-@torch.no_grad()
-def logits(model, inputs) -> dict[str, torch.Tensor]:
-    return {kind: model(**batch).logits.float() for kind, batch in inputs.items()}
-
-
-def peft_logits(model_dir: Path, adapter: Path, inputs) -> dict[str, torch.Tensor]:
-    from peft import PeftModel
-
-    return logits(PeftModel.from_pretrained(load_family_model(model_dir), adapter).eval(), inputs)
+    return text_and_image_inputs(moe_dir)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from family_helpers import logits, peft_logits
 from safetensors import safe_open
 
 from gemma4_bridge.converters.convert import convert_adapter
@@ -53,17 +54,6 @@ def inputs() -> dict[str, dict[str, torch.Tensor]]:
             "input_features_mask": torch.ones(1, frames, dtype=torch.bool),
         },
     }
-
-
-@torch.no_grad()
-def logits(model, inputs) -> dict[str, torch.Tensor]:
-    return {kind: model(**batch).logits.float() for kind, batch in inputs.items()}
-
-
-def peft_logits(model_dir: Path, adapter: Path, inputs) -> dict[str, torch.Tensor]:
-    from peft import PeftModel
-
-    return logits(PeftModel.from_pretrained(load_family_model(model_dir), adapter).eval(), inputs)
 
 
 def test_layout_reads_unified_module_tree(unified_dir: Path) -> None:
