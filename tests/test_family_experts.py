@@ -134,12 +134,20 @@ def test_per_expert_subset_gets_zero_for_missing_experts(moe_dir: Path, expert_a
 
 
 def test_merge_streams_into_3d_expert_weights(moe_dir: Path, expert_adapter: Path, reference, inputs, tmp_path: Path) -> None:
+    """The merged checkpoint is the model PEFT's own merge_and_unload makes (< 1e-5; measured <= 5e-7),
+    and as close to the unmerged adapter as that one is: a merged MoE differs from the unmerged one by
+    float rounding that the routing amplifies (PEFT's own merge: up to 1.2e-4 in logits on some seeds)."""
+    from peft import PeftModel
+
     result = merge_adapter(expert_adapter, moe_dir, tmp_path / "merged")
     assert result.merged_weights == len(result.plan.modules) + 10  # linears + 10 expert parameters
     assert len(result.plan.experts) == 10
     merged = logits(load_family_model(tmp_path / "merged"), inputs)
+    peft_merged = logits(PeftModel.from_pretrained(load_family_model(moe_dir), expert_adapter).merge_and_unload().eval(), inputs)
     for kind in inputs:
-        torch.testing.assert_close(merged[kind], reference[kind], atol=1e-4, rtol=0)
+        torch.testing.assert_close(merged[kind], peft_merged[kind], atol=1e-5, rtol=0)
+        peft_gap = float((peft_merged[kind] - reference[kind]).abs().max())
+        assert float((merged[kind] - reference[kind]).abs().max()) <= peft_gap + 1e-5 < 1e-3
 
 
 def test_expert_lora_on_a_dense_base_is_refused(dense_dir: Path, expert_adapter: Path, tmp_path: Path) -> None:
