@@ -168,7 +168,7 @@ class ExpertPlanner:
     """Collects an adapter's expert keys, then plans their canonical tensors.
 
     ``problem(code, severity, message, fix, tensors)`` and ``flavour(name)`` report into the
-    caller's plan; ``rank_alpha(module)`` is the caller's rank_pattern/alpha_pattern lookup and
+    caller's plan; ``rank_alpha(module, *canonical_names)`` is the caller's rank_pattern/alpha_pattern lookup and
     ``scaling(r, alpha)`` its scaling rule, so experts follow the same config semantics.
     """
 
@@ -179,7 +179,7 @@ class ExpertPlanner:
         label: str,
         problem: Callable[..., None],
         flavour: Callable[[str], None],
-        rank_alpha: Callable[[str], tuple[int, float]],
+        rank_alpha: Callable[..., tuple[int, float]],
         scaling: Callable[[int, float], float],
         module_path: Callable[[str], str],
     ) -> None:
@@ -332,7 +332,7 @@ class ExpertPlanner:
                 continue  # zero-element and not recoverable: reported as broken by the ZeRO-3 step
             a = (a[0], self.zero3_shapes[keys["lora_A"]], a[2]) if recovered["lora_A"] else a
             b = (b[0], self.zero3_shapes[keys["lora_B"]], b[2]) if recovered["lora_B"] else b
-            r, alpha = self.rank_alpha(f"{self.source_modules[module]}.{param}")
+            r, alpha = self.rank_alpha(f"{self.source_modules[module]}.{param}", f"{module}.{param}")
             num_experts = site.num_experts if site is not None else max(1, a[1][0] // max(r, 1))
             problem = self._check_peft_shapes(path, site, a, b, r, num_experts)
             if problem:

@@ -57,12 +57,47 @@ def pattern_key(keys: Iterable[str], module: str) -> str | None:
 
 def effective_rank_alpha(config: Mapping[str, Any], module: str) -> tuple[int, float]:
     """(r, alpha) PEFT uses for ``module``."""
-    r = int(config.get("r", 8))
-    alpha = float(config.get("lora_alpha", 8))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    r_key, alpha_key = pattern_key(rank_pattern, module), pattern_key(alpha_pattern, module)
-    return (int(rank_pattern[r_key]) if r_key is not None else r), (float(alpha_pattern[alpha_key]) if alpha_key is not None else alpha)
+    return RankAlphaLookup(config)(module)
+
+
+PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
+
+
+class RankAlphaLookup:
+    """(r, alpha) per module as PEFT picks them, remembering which pattern keys applied where.
+
+    A key is matched against the module as the adapter's tensors name it (PEFT's rule). Only when no
+    key of a field applies there is it matched against the module's canonical names (``aliases``):
+    a key written in the canonical layout while the tensors were renamed after training (say tower
+    keys saved without ``.linear``) still names that module, and dropping it would change the
+    scaling silently. Such uses are listed in :attr:`by_alias`, keys that apply nowhere by
+    :meth:`unused` (PEFT ignores those, with a warning), so the planner can say both.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.defaults = {"rank_pattern": int(config.get("r", 8)), "alpha_pattern": float(config.get("lora_alpha", 8))}
+        self.patterns: dict[str, Mapping[str, Any]] = {f: config.get(f) or {} for f in PATTERN_FIELDS}
+        self.used: set[tuple[str, str]] = set()
+        self.by_alias: list[tuple[str, str, str, str]] = []  # (field, key, canonical name it matched, module as written)
+
+    def __call__(self, module: str, *aliases: str) -> tuple[int, float]:
+        values: list[Any] = []
+        for field in PATTERN_FIELDS:
+            pattern = self.patterns[field]
+            key = pattern_key(pattern, module)
+            if key is None:
+                for alias in aliases:
+                    key = pattern_key(pattern, alias)
+                    if key is not None:
+                        self.by_alias.append((field, key, alias, module))
+                        break
+            if key is not None:
+                self.used.add((field, key))
+            values.append(pattern[key] if key is not None else self.defaults[field])
+        return int(values[0]), float(values[1])
+
+    def unused(self) -> list[tuple[str, str]]:
+        return [(f, k) for f in PATTERN_FIELDS for k in self.patterns[f] if (f, k) not in self.used]
 
 
 def lora_scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:

@@ -18,7 +18,7 @@ from gemma4_bridge.layout import (
 from gemma4_bridge.names import PEFT_PREFIX, ParsedKey, Resolution, canonical_module_path, lora_key, parse_key, resolve_parsed
 
 from .experts import ExpertPlanner
-from .peft_config import LORA_VARIANTS, base_modifying_init, canonical_config, effective_rank_alpha, lora_scaling, variant_fields
+from .peft_config import LORA_VARIANTS, RankAlphaLookup, base_modifying_init, canonical_config, lora_scaling, variant_fields
 from .plans import CanonicalPlan, ModuleDelta, PlannedTensor, Problem, Severity
 from .sources import TensorSource
 
@@ -119,9 +119,10 @@ class Planner:
         self.flavours: list[str] = []
         self.dropped: list[tuple[str, str]] = []
         self.zero3_shapes: dict[str, tuple[int, ...]] = {}  # canonical key -> true shape in the checkpoint
+        self.rank_alpha = RankAlphaLookup(config)
         self.expert_planner = ExpertPlanner(
             config, layout, weights_label, self.problem, self.flavour,
-            lambda module: effective_rank_alpha(config, module),
+            self.rank_alpha,
             lambda r, alpha: lora_scaling(config, r, alpha),
             lambda module: canonical_module_path(module)[0],
         )  # fmt: skip
@@ -143,6 +144,7 @@ class Planner:
         self.expert_planner.zero3_names, self.expert_planner.zero3_shapes = zero3_names, self.zero3_shapes
         expert_tensors, experts = self.expert_planner.finish()
         tensors += expert_tensors
+        self._check_patterns()
         renamed_tensors = [t for t in tensors if t.key != t.source_key]
         renamed = len(renamed_tensors)
         self.renamed_example = renamed_tensors[0].source_key.split(",")[0] if renamed_tensors else ""
@@ -411,7 +413,8 @@ class Planner:
                 )  # fmt: skip
                 continue
             source_module = source_modules[a.key]
-            r_cfg, alpha = effective_rank_alpha(self.config, source_module)
+            site = sites[module]
+            r_cfg, alpha = self.rank_alpha(source_module, *((site.model_path, site.path) if site is not None else (module,)))
             rank = a.shape[0]
             if rank != r_cfg:
                 self.problem(
@@ -421,7 +424,6 @@ class Planner:
                     "fix r / rank_pattern in adapter_config.json to match the tensors", (a.source_key,),
                 )  # fmt: skip
                 continue
-            site = sites[module]
             if site is not None and (a.shape[1] != site.in_features or b.shape[0] != site.out_features):
                 self.problem(
                     "shape-mismatch", "broken",
@@ -436,6 +438,27 @@ class Planner:
             modules.append(ModuleDelta(site, a, b, rank, alpha, lora_scaling(self.config, rank, alpha)))
         kept = {m.a.key for m in modules} | {m.b.key for m in modules}
         return [t for t in tensors if t.key in kept], modules
+
+    def _check_patterns(self) -> None:
+        """Say which rank_pattern/alpha_pattern keys applied only through a module's canonical name,
+        and which applied nowhere (:class:`~.peft_config.RankAlphaLookup`)."""
+        where = f"{self.source_label}/adapter_config.json"
+        by_alias = {(field, key): (alias, module) for field, key, alias, module in self.rank_alpha.by_alias}
+        for (field, key), (alias, module) in by_alias.items():
+            self.problem(
+                "pattern-canonical-name", "fixable",
+                f"{where}: {field} key {key!r} does not match the module as the tensors name it ({module}) but names "
+                f"its canonical path {alias}, so it is applied there (the tensors were renamed after training; PEFT "
+                "and stock servers would ignore it and use the default).",
+                "convert writes the pattern under the module's canonical name",
+            )  # fmt: skip
+        for field, key in self.rank_alpha.unused():
+            self.problem(
+                "unused-pattern", "note",
+                f"{where}: {field} key {key!r} matches none of the adapter's modules; PEFT ignores it (with a warning), "
+                "and so do convert, merge and the servers.",
+                f"remove it from {field}, or rename it to the module it was meant for",
+            )  # fmt: skip
 
     def _classify(self, resolved: list[tuple[Resolution, tuple[int, ...], str]], renamed: int) -> None:
         if self.is_pickle:

@@ -180,6 +180,35 @@ def test_rank_alpha_patterns_and_rslora_preserved(tiny_dir: Path, tmp_path: Path
         assert config["alpha_pattern"]["model.language_model.layers.0.mlp.down_proj"] == 32
 
 
+
+def test_patterns_in_canonical_names_survive_renamed_tensors(tiny_dir: Path, tmp_path: Path) -> None:
+    """An adapter whose patterns name modules by their canonical paths (as convert and the training
+    wrapper write them) and whose tower tensors were renamed afterwards (no '.linear'): the patterns
+    still apply to those modules, said as a fixable problem, not dropped for the default alpha.
+    A pattern that names no module is a note (PEFT ignores it too)."""
+    from gemma4_bridge.converters.canonical import plan
+    from gemma4_bridge.layout import Gemma4Layout
+
+    src = write_peft_adapter(tiny_dir, tmp_path / "patterns", r=4, lora_alpha=8, use_rslora=True, seed=5,
+                             rank_pattern={"q_proj.linear": 8}, alpha_pattern={"linear": 2, "down_proj": 32})  # fmt: skip
+    ref = peft_deltas(tiny_dir, src)
+    convert_adapter(src, tmp_path / "canonical", base=tiny_dir)  # patterns now per module, by canonical path
+    config = json.loads((tmp_path / "canonical" / "adapter_config.json").read_text())
+    tower_keys = [k for k in config["alpha_pattern"] if "_tower." in k and k.endswith(".linear")]
+    assert tower_keys and all(config["alpha_pattern"][k] == 2 for k in tower_keys)
+    renamed = write_variant(tmp_path / "canonical", tmp_path / "renamed", rename=drop_tower_linear,
+                            config_update={"alpha_pattern": {**config["alpha_pattern"], "no_such_proj": 5}})  # fmt: skip
+    p = plan(renamed, Gemma4Layout.from_model_dir(tiny_dir))
+    by_code = {}
+    for q in p.problems:
+        by_code.setdefault(q.code, []).append(q)
+    tower_ranks = [k for k in config["rank_pattern"] if "_tower." in k]
+    assert len(by_code["pattern-canonical-name"]) == len(tower_keys) + len(tower_ranks)  # one per key applied by its canonical name
+    assert [q.severity for q in by_code["unused-pattern"]] == ["note"] and "'no_such_proj'" in by_code["unused-pattern"][0].message
+    convert_adapter(renamed, tmp_path / "out", base=tiny_dir)
+    got = peft_deltas(tiny_dir, tmp_path / "out")
+    assert got.keys() == ref.keys() and max(float((got[m] - ref[m]).abs().max()) for m in ref) < 1e-5
+
 def test_canonicalize_in_memory_matches_disk(tiny_dir: Path, all_linear_adapter: Path) -> None:
     """The plugin entry point: (config, tensors) in, canonical (config, tensors, plan) out, no files."""
     from gemma4_bridge.converters import canonicalize
