@@ -51,6 +51,13 @@ def merge_adapter(
     """Write base + adapter as a full checkpoint in ``out``; raises :class:`BridgeError`, writing nothing, on bad input."""
     base_dir = Path(base)
     layout = Gemma4Layout.from_model_dir(base_dir)
+    if layout.quantization:
+        raise BridgeError(
+            f"{base_dir}: a {layout.quantization}-quantized checkpoint; merge adds each delta to full-precision weights "
+            "and writes them, which a quantized weight cannot take without being dequantized and requantized (rounding "
+            "the delta away in part).",
+            fix="merge into the unquantized checkpoint the quantized one was made from, then quantize the merged model if needed",
+        )
     ad = AdapterDir.open(adapter)
     out_path = Path(out)
     refuse_overwriting_input([ad.path, base_dir], out_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -257,6 +258,12 @@ class Gemma4Layout:
         """Layers whose V is the k_proj output: a k_proj LoRA there changes V as well."""
         return tuple(layer.index for layer in self.text_layers if layer.v_is_k_proj)
 
+    @property
+    def quantization(self) -> str | None:
+        """The checkpoint's quantization method (config ``quantization_config.quant_method``), if any."""
+        quant = self.config.get("quantization_config") or {}
+        return str(quant.get("quant_method") or "unknown") if quant else None
+
     def site(self, path: str) -> LinearSite | None:
         return self.linears.get(path)
 
@@ -309,7 +316,15 @@ class Gemma4Layout:
         except json.JSONDecodeError as exc:
             raise BridgeError(f"{config_path}: not valid JSON ({exc}).", fix="restore the file from the model") from exc
         _require_gemma4(config, str(root))
-        return cls.from_config(config, read_weight_shapes(root), source=str(root))
+        layout = cls.from_config(config, read_weight_shapes(root), source=str(root))
+        method = layout.quantization
+        if method and text_layer_path(0, "self_attn.q_proj") not in layout.linears:  # every member has it
+            raise BridgeError(
+                f"{root}: a {method}-quantized checkpoint that stores its linears packed, without a '.weight' of their "
+                "shape (bitsandbytes 4-bit, 8-bit and fp8 checkpoints are read), so no adapter can be checked against it.",
+                fix="pass the unquantized checkpoint the quantized one was made from: the adapter is the same for both",
+            )
+        return layout
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], source: str = "") -> Gemma4Layout:
@@ -450,8 +465,15 @@ def _causal_lm_name(path: str) -> str:
     return spec.text_only_prefix + path.removeprefix(spec.prefix) if path.startswith(spec.prefix) and spec.text_only_prefix else path
 
 
+# bitsandbytes 4-bit stores a linear's weight packed ([out * in / 2, 1] uint8) and its logical shape in
+# a small JSON tensor beside it (bitsandbytes.utils.pack_dict_to_tensor).
+BNB_4BIT_STATE = re.compile(r"^(?P<weight>.+\.weight)\.quant_state\.bitsandbytes__(nf4|fp4)$")
+_MAX_QUANT_STATE_BYTES = 4096
+
+
 def read_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: shape} for all safetensors files of a model directory, from headers only."""
+    """{tensor name: logical shape} for all safetensors files of a model directory, from headers only
+    (and, for bitsandbytes 4-bit weights, the few bytes of JSON that hold their logical shape)."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise BridgeError(
@@ -460,7 +482,30 @@ def read_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
         )
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        for name, info in read_safetensors_header(file).items():
+        header = read_safetensors_header(file)
+        for name, info in header.items():
             if name != "__metadata__":
                 shapes[name] = tuple(info["shape"])
+        for name, info in header.items():
+            m = BNB_4BIT_STATE.match(name)
+            if m is not None:
+                shapes[m.group("weight")] = _bnb_4bit_shape(file, name, info)
     return shapes
+
+
+def _bnb_4bit_shape(file: Path, name: str, info: Mapping[str, Any]) -> tuple[int, ...]:
+    start, end = info["data_offsets"]
+    try:
+        if end - start > _MAX_QUANT_STATE_BYTES:
+            raise ValueError(f"{end - start} bytes")
+        with file.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n + start)
+            state = json.loads(f.read(end - start).decode("utf-8"))
+        shape = tuple(int(d) for d in state["shape"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise BridgeError(
+            f"{file}: tensor {name} (a bitsandbytes 4-bit quant state) does not hold the weight's shape ({exc}).",
+            fix="pass the unquantized checkpoint the quantized one was made from",
+        ) from exc
+    return shape

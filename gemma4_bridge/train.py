@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -82,6 +83,12 @@ def layout_of(model: torch.nn.Module) -> Gemma4Layout:
     for name, buffer in base.named_buffers():
         if (name := _base_name(name)) is not None:
             shapes[name] = tuple(buffer.shape)
+    for name, module in base.named_modules():  # quantized linears (bitsandbytes 4-bit) store weights packed
+        key = _base_name(f"{name}.weight")
+        in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if "weight" in module._parameters and key in shapes and isinstance(in_features, int) and isinstance(out_features, int):
+            if math.prod(shapes[key]) != in_features * out_features:
+                shapes[key] = (out_features, in_features)
     return Gemma4Layout.from_config(base.config.to_dict(), shapes, source=type(base).__name__)
 
 
