@@ -120,6 +120,15 @@ class Planner:
         self.dropped: list[tuple[str, str]] = []
         self.zero3_shapes: dict[str, tuple[int, ...]] = {}  # canonical key -> true shape in the checkpoint
         self.rank_alpha = RankAlphaLookup(config)
+        if layout is not None and layout.packed_linears:
+            self.problem(
+                "quantized-base", "broken",
+                f"{layout.source}: a {layout.quantization}-quantized checkpoint that stores its linears packed, without a "
+                "'.weight' of their shape (bitsandbytes 4-bit and formats that keep '.weight' are read), so the adapter "
+                "cannot be checked against it.",
+                "pass the unquantized checkpoint the quantized one was made from: the adapter is the same for both",
+            )  # fmt: skip
+            self.layout = layout = None  # plan the adapter on its own: every module would otherwise be 'unknown'
         self.expert_planner = ExpertPlanner(
             config, layout, weights_label, self.problem, self.flavour,
             self.rank_alpha,

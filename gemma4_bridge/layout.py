@@ -264,6 +264,12 @@ class Gemma4Layout:
         quant = self.config.get("quantization_config") or {}
         return str(quant.get("quant_method") or "unknown") if quant else None
 
+    @property
+    def packed_linears(self) -> bool:
+        """A quantized checkpoint whose linears have no ``.weight`` of their shape (GPTQ/AWQ ``qweight``,
+        packed compressed-tensors): its linears cannot be read, so no adapter can be checked against it."""
+        return self.quantization is not None and text_layer_path(0, "self_attn.q_proj") not in self.linears  # every member has it
+
     def site(self, path: str) -> LinearSite | None:
         return self.linears.get(path)
 
@@ -316,15 +322,7 @@ class Gemma4Layout:
         except json.JSONDecodeError as exc:
             raise BridgeError(f"{config_path}: not valid JSON ({exc}).", fix="restore the file from the model") from exc
         _require_gemma4(config, str(root))
-        layout = cls.from_config(config, read_weight_shapes(root), source=str(root))
-        method = layout.quantization
-        if method and text_layer_path(0, "self_attn.q_proj") not in layout.linears:  # every member has it
-            raise BridgeError(
-                f"{root}: a {method}-quantized checkpoint that stores its linears packed, without a '.weight' of their "
-                "shape (bitsandbytes 4-bit, 8-bit and fp8 checkpoints are read), so no adapter can be checked against it.",
-                fix="pass the unquantized checkpoint the quantized one was made from: the adapter is the same for both",
-            )
-        return layout
+        return cls.from_config(config, read_weight_shapes(root), source=str(root))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], source: str = "") -> Gemma4Layout:
