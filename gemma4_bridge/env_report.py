@@ -24,7 +24,7 @@ from packaging.version import Version
 from gemma4_bridge import __version__
 
 HELP = "show the installed stack and which upstream Gemma 4 bugs are present (for bug reports)"
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "vllm", "sglang")
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "bitsandbytes", "vllm", "sglang")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -45,7 +45,10 @@ def report() -> dict:
 
 
 def test_versions_are_the_installed_ones(report: dict) -> None:
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "vllm", "sglang"):
+    from gemma4_bridge.env_report import PACKAGES
+
+    assert {"torch", "transformers", "peft", "trl", "accelerate", "deepspeed", "bitsandbytes", "vllm", "sglang"} <= set(PACKAGES)
+    for name in PACKAGES:
         assert report["packages"][name] == installed(name), name
     vllm = installed("vllm")
     assert report["plugin_supports"]["vllm"] == (None if vllm is None else vllm.startswith(("0.32.", "0.33.", "0.34.")))
