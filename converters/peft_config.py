@@ -78,7 +78,8 @@ class RankAlphaLookup:
         self.defaults = {"rank_pattern": int(config.get("r", 8)), "alpha_pattern": float(config.get("lora_alpha", 8))}
         self.patterns: dict[str, Mapping[str, Any]] = {f: config.get(f) or {} for f in PATTERN_FIELDS}
         self.used: set[tuple[str, str]] = set()
-        self.by_alias: list[tuple[str, str, str, str]] = []  # (field, key, canonical name it matched, module as written)
+        # (field, key) -> (the canonical name it matched, the module as written), first use of each key
+        self.by_alias: dict[tuple[str, str], tuple[str, str]] = {}
 
     def __call__(self, module: str, *aliases: str) -> tuple[int, float]:
         values: list[Any] = []
@@ -89,7 +90,7 @@ class RankAlphaLookup:
                 for alias in aliases:
                     key = pattern_key(pattern, alias)
                     if key is not None:
-                        self.by_alias.append((field, key, alias, module))
+                        self.by_alias.setdefault((field, key), (alias, module))
                         break
             if key is not None:
                 self.used.add((field, key))

@@ -114,6 +114,7 @@ class Planner:
     ) -> None:
         self.config, self.src, self.layout = config, source, layout
         self.source_label, self.label, self.is_pickle = source_label, weights_label, is_pickle
+        self.config_label = f"{source_label}/adapter_config.json"
         self.adapter_dir, self.zero3_arg, self.find_zero3 = adapter_dir, zero3_checkpoint, find_zero3
         self.problems: list[Problem] = []
         self.flavours: list[str] = []
@@ -179,7 +180,7 @@ class Planner:
         return plan_
 
     def _check_config(self) -> None:
-        problems = config_problems(self.config, f"{self.source_label}/adapter_config.json")
+        problems = config_problems(self.config, self.config_label)
         self.problems += problems
         if any(q.code == "regex-target-modules" for q in problems):
             self.flavour("regex-target-modules")
@@ -451,9 +452,8 @@ class Planner:
     def _check_patterns(self) -> None:
         """Say which rank_pattern/alpha_pattern keys applied only through a module's canonical name,
         and which applied nowhere (:class:`~.peft_config.RankAlphaLookup`)."""
-        where = f"{self.source_label}/adapter_config.json"
-        by_alias = {(field, key): (alias, module) for field, key, alias, module in self.rank_alpha.by_alias}
-        for (field, key), (alias, module) in by_alias.items():
+        where = self.config_label
+        for (field, key), (alias, module) in self.rank_alpha.by_alias.items():
             self.problem(
                 "pattern-canonical-name", "fixable",
                 f"{where}: {field} key {key!r} does not match the module as the tensors name it ({module}) but names "

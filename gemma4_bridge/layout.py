@@ -481,29 +481,32 @@ def read_weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         header = read_safetensors_header(file)
+        states: dict[str, tuple[str, Mapping[str, Any]]] = {}  # 4-bit weight -> (its quant state tensor, header entry)
         for name, info in header.items():
             if name != "__metadata__":
                 shapes[name] = tuple(info["shape"])
-        for name, info in header.items():
-            m = BNB_4BIT_STATE.match(name)
-            if m is not None:
-                shapes[m.group("weight")] = _bnb_4bit_shape(file, name, info)
+                if (m := BNB_4BIT_STATE.match(name)) is not None:
+                    states[m.group("weight")] = (name, info)
+        if states:
+            shapes.update(_bnb_4bit_shapes(file, states))
     return shapes
 
 
-def _bnb_4bit_shape(file: Path, name: str, info: Mapping[str, Any]) -> tuple[int, ...]:
-    start, end = info["data_offsets"]
-    try:
-        if end - start > _MAX_QUANT_STATE_BYTES:
-            raise ValueError(f"{end - start} bytes")
-        with file.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            f.seek(8 + n + start)
-            state = json.loads(f.read(end - start).decode("utf-8"))
-        shape = tuple(int(d) for d in state["shape"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise BridgeError(
-            f"{file}: tensor {name} (a bitsandbytes 4-bit quant state) does not hold the weight's shape ({exc}).",
-            fix="pass the unquantized checkpoint the quantized one was made from",
-        ) from exc
-    return shape
+def _bnb_4bit_shapes(file: Path, states: Mapping[str, tuple[str, Mapping[str, Any]]]) -> dict[str, tuple[int, ...]]:
+    """The logical shape of each bitsandbytes 4-bit weight, from its quant state's JSON (one open per file)."""
+    out: dict[str, tuple[int, ...]] = {}
+    with file.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))  # the header was validated: the data start at 8 + n
+        for weight, (name, info) in states.items():
+            start, end = info["data_offsets"]
+            try:
+                if end - start > _MAX_QUANT_STATE_BYTES:
+                    raise ValueError(f"{end - start} bytes")
+                f.seek(8 + n + start)
+                out[weight] = tuple(int(d) for d in json.loads(f.read(end - start).decode("utf-8"))["shape"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise BridgeError(
+                    f"{file}: tensor {name} (a bitsandbytes 4-bit quant state) does not hold the weight's shape ({exc}).",
+                    fix="pass the unquantized checkpoint the quantized one was made from",
+                ) from exc
+    return out
